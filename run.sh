@@ -1,0 +1,85 @@
+#!/usr/bin/env bash
+# The canonical run of train_gpt.py. Every variable below is a default: set it outside to override.
+#   bash run.sh                          # 4 flat + 1 crawler x 3 loops on all visible GPUs, 600 s cap
+#   NUM_FLAT_LAYERS=6 SEED=42 bash run.sh
+#   bash run.sh leg3                     # a preset from presets/ (values set outside still win)
+#   NPROC_PER_NODE=1 MAX_WALLCLOCK_SECONDS=300 bash run.sh   # one GPU, same global batch by accumulation
+#   SMOKE=1 bash run.sh                  # offline end-to-end check in about a minute, CPU or GPU
+# README.md documents every variable.
+set -euo pipefail
+cd "$(dirname "$0")"
+set -a  # every variable assigned below (and in presets) is exported to train_gpt.py
+
+if [ $# -gt 0 ]; then
+  preset="presets/$1.env"
+  [ -f "$preset" ] || { echo "run.sh: no preset '$1' (have: $(ls presets | sed 's/\.env$//' | tr '\n' ' '))" >&2; exit 1; }
+  source "$preset"
+fi
+
+if [ "${SMOKE:-0}" = 1 ]; then
+  # Tiny corpus from the docstrings of the installed Python standard library, a 512-piece tokenizer
+  # trained on it, shards, and a tiny crawler: the whole pipeline with no download.
+  smoke=data/datasets/smoke
+  if [ ! -f "$smoke/fineweb_val_000000.bin" ]; then
+    mkdir -p data/tokenizers
+    python3 data/stdlib_corpus.py --out data/datasets/smoke_docs.jsonl
+    python3 data/build_shards.py --inputs data/datasets/smoke_docs.jsonl --val-docs 20 --shuffle-seed 0 \
+      --train-tokenizer 512 --tokenizer-out data/tokenizers/smoke_512 --out-dir "$smoke" --overwrite
+  fi
+  : "${DATA_PATH:=$smoke}" "${TOKENIZER_PATH:=data/tokenizers/smoke_512.model}" "${VOCAB_SIZE:=512}"
+  : "${MODEL_DIM:=64}" "${NUM_HEADS:=4}" "${NUM_KV_HEADS:=2}" "${NUM_FLAT_LAYERS:=2}" "${CRAWLER_LOOPS:=2}"
+  : "${TRAIN_SEQ_LEN:=128}" "${TRAIN_BATCH_TOKENS:=4096}" "${MICRO_BATCH_TOKENS:=4096}" "${ITERATIONS:=120}"
+  : "${MAX_WALLCLOCK_SECONDS:=0}" "${WARMUP_STEPS:=2}" "${MUON_MOMENTUM_WARMUP_STEPS:=40}" "${TRAIN_LOG_EVERY:=20}"
+  : "${COMPILE:=0}" "${BIGRAM_VOCAB_SIZE:=512}" "${EMA_DECAY:=0.95}" "${NPROC_PER_NODE:=1}" "${RUN_ID:=smoke}"
+fi
+
+# Data
+: "${DATA_PATH:=./data/datasets/fineweb10B_sp1024}"
+: "${TOKENIZER_PATH:=./data/tokenizers/fineweb_1024_bpe.model}"
+: "${VOCAB_SIZE:=1024}"
+: "${SEED:=1337}"
+# Layout: NUM_FLAT_LAYERS unique blocks (half encoder, half decoder) around NUM_CRAWLER_LAYERS shared
+# blocks run CRAWLER_LOOPS times; effective depth = flat + crawler x loops.
+: "${MODEL_DIM:=512}"
+: "${NUM_HEADS:=8}"
+: "${NUM_KV_HEADS:=4}"
+: "${NUM_FLAT_LAYERS:=4}"
+: "${NUM_CRAWLER_LAYERS:=1}"
+: "${CRAWLER_LOOPS:=3}"
+: "${CRAWLER_LOOP_ROPE_SCALES:=}"           # e.g. 9,1,1: loop 0 sees 9x longer RoPE wavelengths
+: "${MLP_MULT:=3.0}"
+: "${CRAWLER_MLP_MULT:=6.0}"
+: "${MLP_ACT:=leaky_relu_sq}"
+: "${XSA_BLOCKS:=all}"
+: "${QK_GAIN_INIT:=4.0}"
+: "${ROPE_DIMS:=16}"
+: "${BIGRAM_VOCAB_SIZE:=2048}"
+: "${SMEAR_GATE:=1}"
+# Batch and schedule: 786,432 tokens per step at any GPU count (accumulation fills the gap).
+: "${TRAIN_SEQ_LEN:=2048}"
+: "${TRAIN_BATCH_TOKENS:=786432}"
+: "${MICRO_BATCH_TOKENS:=98304}"
+: "${MAX_WALLCLOCK_SECONDS:=600}"
+: "${ITERATIONS:=20000}"
+: "${WARMDOWN_FRAC:=0.7}"
+: "${MIN_LR_FRAC:=0.1}"
+# Optimizers and weight averaging
+: "${MATRIX_LR:=0.03}"
+: "${EMBED_LR:=0.035}"
+: "${SCALAR_LR:=0.025}"
+: "${MUON_WD:=0.04}"
+: "${EMA_DECAY:=0.997}"
+: "${TRAIN_LOG_EVERY:=100}"
+: "${RUN_ID:=$(date +%Y%m%d_%H%M%S)_seed${SEED}}"
+set +a
+if ! ls "$DATA_PATH"/fineweb_val_*.bin >/dev/null 2>&1 || [ ! -f "$TOKENIZER_PATH" ]; then
+  echo "run.sh: no FineWeb shards in $DATA_PATH or no tokenizer at $TOKENIZER_PATH." >&2
+  echo "Fetch them with:  python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80" >&2
+  echo "(or point DATA_PATH/TOKENIZER_PATH at your own shards, or try SMOKE=1 bash run.sh)" >&2
+  exit 1
+fi
+
+if [ -z "${NPROC_PER_NODE:-}" ]; then
+  NPROC_PER_NODE=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" train_gpt.py

@@ -1,0 +1,78 @@
+"""The user-facing surface stays consistent: run.sh defaults equal train_gpt.py's, README documents every
+variable and the test command CI runs, and run.sh explains missing data instead of failing obscurely."""
+import os
+import re
+import shutil
+import subprocess
+
+import train_gpt as T
+from conftest import REPO
+
+README = (REPO / "README.md").read_text()
+
+
+def declared_vars():
+    reader = T.EnvReader({})
+    original, T.EnvReader = T.EnvReader, lambda environ: reader
+    try:
+        T.Hyperparameters({})
+    finally:
+        T.EnvReader = original
+    return reader.names
+
+
+def test_readme_documents_every_variable():
+    names = declared_vars()
+    assert len(names) > 40
+    missing = [n for n in names if f"`{n}`" not in README]
+    assert not missing, missing
+
+
+def test_run_sh_defaults_match_script_defaults():
+    defaults = dict(re.findall(r'^: "\$\{(\w+):=([^}]*)\}"', (REPO / "run.sh").read_text(), re.M))
+    h = T.Hyperparameters({})
+    assert len(defaults) > 20
+    for name, value in defaults.items():
+        if name in ("RUN_ID",):
+            continue
+        ours = getattr(h, name.lower())
+        parsed = T.Hyperparameters({name: value}) if value else h
+        assert getattr(parsed, name.lower()) == ours, (name, value, ours)
+
+
+def test_ci_runs_the_readme_test_command():
+    command = re.search(r"```bash\n(python3 -m pytest[^\n]*)\n```", README)[1]
+    assert command in (REPO / ".ci/run").read_text().splitlines()
+
+
+def test_run_sh_without_data_says_how_to_fetch(tmp_path):
+    env = dict(os.environ, DATA_PATH=str(tmp_path / "nothing"))
+    proc = subprocess.run(["bash", str(REPO / "run.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1
+    assert "python3 data/cached_challenge_fineweb.py --variant sp1024" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_run_sh_rejects_unknown_preset():
+    proc = subprocess.run(["bash", str(REPO / "run.sh"), "nosuch"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "no preset 'nosuch'" in proc.stderr and "leg3" in proc.stderr
+
+
+def test_presets_parse(tmp_path):
+    for preset in ("leg3", "nightcrawler", "ouroboros"):
+        out = subprocess.run(["bash", "-c", f"set -eua; source presets/{preset}.env; env"], cwd=REPO,
+                             capture_output=True, text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout
+        env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+        h = T.Hyperparameters(env)  # every value parses
+        assert h.crawler_loops in (2, 3) and h.xsa_blocks == "crawler"
+
+
+def test_smoke_run_end_to_end(tmp_path):
+    """SMOKE=1 bash run.sh in a copy of the repo: corpus, tokenizer, shards, tiny crawler, final JSON."""
+    work = tmp_path / "repo"
+    shutil.copytree(REPO, work, ignore=shutil.ignore_patterns(".git", "logs", "datasets", "tokenizers", "__pycache__"))
+    env = dict(os.environ, SMOKE="1", OMP_NUM_THREADS="1", ITERATIONS="60")
+    proc = subprocess.run(["bash", "run.sh"], cwd=work, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    final = (work / "logs/smoke.txt").read_text().strip().splitlines()[-1]
+    assert final.startswith('{"event": "final"') and '"steps": 60' in final

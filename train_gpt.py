@@ -1,0 +1,861 @@
+"""Parameter Golf: a flat + crawler GPT trained in 10 minutes, scored in bits per byte.
+
+A few unique "flat" blocks form a U-Net (encoder half, decoder half); between the halves one or more
+weight-shared "crawler" blocks run CRAWLER_LOOPS times, so depth costs no bytes. The model is a list of
+unique blocks plus a schedule of their applications; every application owns its control vectors
+(residual mix, output scales, q gain, an entry embedding), which is what lets the loops of a shared
+block differ. Read top to bottom: hyperparameters, data, model, optimizers, evaluation, training, main.
+Budget: at most 1,800 lines and 75 KB, because these bytes count against the 16 MB artifact.
+
+Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
+"""
+import contextlib
+import copy
+import datetime
+import glob
+import hashlib
+import importlib
+import json
+import math
+import os
+import sys
+import time
+import uuid
+
+import numpy as np
+import sentencepiece as spm
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+# ----------------------------------------------------------------------------------------------------
+# HYPERPARAMETERS
+
+
+class ConfigError(Exception):
+    """Bad setting or input: reported as one line, exit code 2."""
+
+
+class EnvReader:
+    """Reads typed environment variables; a value that does not parse or fit says what is allowed."""
+
+    def __init__(self, environ):
+        self.environ, self.names = environ, set()
+
+    def read(self, name, default, kind, lo=None, hi=None, choices=None):
+        self.names.add(name)
+        text = self.environ.get(name, "").strip()
+        if not text:
+            return default
+        try:
+            value = kind(text)
+        except ValueError:
+            raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+        if choices is not None and value not in choices:
+            raise ConfigError(f"{name}={text!r}: allowed values are {', '.join(map(str, choices))}")
+        if (lo is not None and value < lo) or (hi is not None and value > hi):
+            raise ConfigError(f"{name}={text!r}: must be between {lo} and {hi}")
+        return value
+
+
+def flag(text):
+    if text not in ("0", "1"):
+        raise ValueError(text)
+    return text == "1"
+
+
+def floats(text):
+    return tuple(float(t) for t in text.split(","))
+
+
+class Hyperparameters:
+    """Every environment variable the script reads, with its default; README.md documents each."""
+
+    def __init__(self, environ=os.environ):
+        r = EnvReader(environ)
+        s = lambda n, d, **k: r.read(n, d, str, **k)
+        i = lambda n, d, **k: r.read(n, d, int, **k)
+        f = lambda n, d, **k: r.read(n, d, float, **k)
+        b = lambda n, d: r.read(n, d, flag)
+        # Data and run identity
+        self.data_path = s("DATA_PATH", "./data/datasets/fineweb10B_sp1024")  # fineweb_{train,val}_*.bin
+        self.tokenizer_path = s("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.run_id = s("RUN_ID", datetime.datetime.now().strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
+        self.seed = i("SEED", 1337, lo=0)
+        # Training length, batch and schedule
+        self.iterations = i("ITERATIONS", 20000, lo=0)  # step cap; the wall clock usually stops first
+        self.max_wallclock_seconds = f("MAX_WALLCLOCK_SECONDS", 600.0, lo=0)  # 0 = no cap, schedule by steps
+        self.train_batch_tokens = i("TRAIN_BATCH_TOKENS", 786_432, lo=1)  # global tokens per step
+        self.micro_batch_tokens = i("MICRO_BATCH_TOKENS", 98_304, lo=1)  # per rank per forward; rest is accumulation
+        self.train_seq_len = i("TRAIN_SEQ_LEN", 2048, lo=2)
+        self.warmup_steps = i("WARMUP_STEPS", 20, lo=0)  # compile warm-up on random tokens, then rolled back
+        self.lr_warmup_steps = i("LR_WARMUP_STEPS", 0, lo=0)  # linear LR ramp at the start
+        self.warmdown_frac = f("WARMDOWN_FRAC", 0.7, lo=0, hi=1)  # final share of the budget with linear decay
+        self.min_lr_frac = f("MIN_LR_FRAC", 0.1, lo=0, hi=1)  # LR multiplier at the end of warmdown
+        self.train_log_every = i("TRAIN_LOG_EVERY", 100, lo=1)
+        self.val_loss_every = i("VAL_LOSS_EVERY", 0, lo=0)  # 0 = only the final eval
+        # Model shape
+        self.vocab_size = i("VOCAB_SIZE", 1024, lo=2, hi=65536)
+        self.model_dim = i("MODEL_DIM", 512, lo=8)
+        self.num_heads = i("NUM_HEADS", 8, lo=1)
+        self.num_kv_heads = i("NUM_KV_HEADS", 4, lo=1)
+        self.num_flat_layers = i("NUM_FLAT_LAYERS", 4, lo=0)  # unique blocks: first half encoder, rest decoder
+        self.num_crawler_layers = i("NUM_CRAWLER_LAYERS", 1, lo=1)  # shared blocks run once per loop
+        self.crawler_loops = i("CRAWLER_LOOPS", 3, lo=0)  # 0 = plain U-Net GPT of the flat blocks
+        self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
+        self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
+        self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
+        self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
+        self.mlp_leaky_slope = f("MLP_LEAKY_SLOPE", 0.5, lo=0, hi=1)
+        self.rope_base = f("ROPE_BASE", 10000.0, lo=1)
+        self.rope_dims = i("ROPE_DIMS", 16, lo=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
+        self.qk_gain_init = f("QK_GAIN_INIT", 4.0, lo=0)
+        self.xsa_blocks = s("XSA_BLOCKS", "all")  # all | crawler | none | comma list of unique block indices
+        self.logit_softcap = f("LOGIT_SOFTCAP", 30.0, lo=0)  # 0 = no softcap
+        self.tied_embed_init_std = f("TIED_EMBED_INIT_STD", 0.005, lo=0)
+        self.bigram_vocab_size = i("BIGRAM_VOCAB_SIZE", 2048, lo=0)  # hash buckets; 0 = no BigramHash
+        self.bigram_dim = i("BIGRAM_DIM", 128, lo=1)
+        self.smear_gate = b("SMEAR_GATE", True)
+        self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
+        # Optimizers
+        self.matrix_lr = f("MATRIX_LR", 0.03, lo=0)  # Muon, block matrices
+        self.embed_lr = f("EMBED_LR", 0.035, lo=0)  # AdamW, tied embedding and bigram table
+        self.scalar_lr = f("SCALAR_LR", 0.025, lo=0)  # AdamW, vectors and control tensors
+        self.muon_momentum = f("MUON_MOMENTUM", 0.99, lo=0, hi=1)
+        self.muon_momentum_warmup_start = f("MUON_MOMENTUM_WARMUP_START", 0.92, lo=0, hi=1)
+        self.muon_momentum_warmup_steps = i("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
+        self.muon_backend_steps = i("MUON_BACKEND_STEPS", 5, lo=1)
+        self.muon_wd = f("MUON_WD", 0.04, lo=0)
+        self.embed_wd = f("EMBED_WD", 0.04, lo=0)
+        self.scalar_wd = f("SCALAR_WD", 0.0, lo=0)
+        self.beta1 = f("BETA1", 0.9, lo=0, hi=1)
+        self.beta2 = f("BETA2", 0.95, lo=0, hi=1)
+        self.adam_eps = f("ADAM_EPS", 1e-8, lo=0)
+        self.grad_clip_norm = f("GRAD_CLIP_NORM", 0.3, lo=0)  # 0 = no clipping
+        self.ema_decay = f("EMA_DECAY", 0.997, lo=0, hi=1)  # 0 = no EMA
+        # Evaluation
+        self.eval_seq_len = i("EVAL_SEQ_LEN", 0, lo=0)  # 0 = TRAIN_SEQ_LEN
+        self.eval_stride = i("EVAL_STRIDE", 0, lo=0)  # 0 = EVAL_SEQ_LEN (non-overlapping windows)
+        self.eval_batch_seqs = i("EVAL_BATCH_SEQS", 32, lo=1)  # windows per forward per rank
+        # Runtime
+        self.compile = b("COMPILE", True)
+        self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
+        self.eval_seq_len = self.eval_seq_len or self.train_seq_len
+        self.eval_stride = self.eval_stride or self.eval_seq_len
+        self.check()
+        ours = {n.split("_")[0] for n in r.names}
+        self.unknown_env = sorted(k for k in environ if k not in r.names and k.split("_")[0] in ours)
+
+    def check(self):
+        d, h, kv = self.model_dim, self.num_heads, self.num_kv_heads
+        if d % h or h % kv or (d // h) % 2:
+            raise ConfigError(f"MODEL_DIM={d}, NUM_HEADS={h}, NUM_KV_HEADS={kv}: need heads | dim, kv heads | heads, even head dim")
+        if self.rope_dims % 2 or self.rope_dims > d // h:
+            raise ConfigError(f"ROPE_DIMS={self.rope_dims}: must be even and at most the head dim {d // h}")
+        if self.num_flat_layers + self.crawler_loops == 0:
+            raise ConfigError("NUM_FLAT_LAYERS=0 with CRAWLER_LOOPS=0 leaves no blocks; set one of them above 0")
+        scales = self.crawler_loop_rope_scales
+        if scales and (len(scales) != self.crawler_loops or min(scales) <= 0):
+            raise ConfigError(f"CRAWLER_LOOP_ROPE_SCALES={','.join(map(str, scales))}: give {self.crawler_loops} positive values, one per loop")
+        if self.eval_stride > self.eval_seq_len:
+            raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
+        self.xsa_flags()
+
+    def xsa_flags(self):
+        """One flag per unique block (flat blocks first, then crawler blocks)."""
+        n_flat, n_crawl = self.num_flat_layers, self.num_crawler_layers if self.crawler_loops else 0
+        spec, n = self.xsa_blocks, n_flat + n_crawl
+        if spec in ("all", "none", "crawler"):
+            return [spec == "all" or (spec == "crawler" and j >= n_flat) for j in range(n)]
+        try:
+            chosen = {int(t) for t in spec.split(",")}
+        except ValueError:
+            chosen = {-1}
+        if not chosen <= set(range(n)):
+            raise ConfigError(f"XSA_BLOCKS={spec!r}: use all, crawler, none or block indices 0..{n - 1}")
+        return [j in chosen for j in range(n)]
+
+    def as_dict(self):
+        return {k: v for k, v in vars(self).items() if k != "unknown_env"}
+
+
+# ----------------------------------------------------------------------------------------------------
+# DATA: challenge shards = 256 little-endian int32 header (magic, version, token count), uint16 tokens
+
+SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, BOS_ID = 20240520, 1, 1024, 1
+FETCH_HINT = "fetch FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024` or build shards with data/build_shards.py"
+
+
+def open_shard(path):
+    """Memory-maps a shard's tokens after checking its header against the file size."""
+    header = np.fromfile(path, dtype="<i4", count=HEADER_BYTES // 4)
+    if header.size < HEADER_BYTES // 4 or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise ConfigError(f"{path}: bad shard header (magic/version {header[:2].tolist()}, expected "
+                          f"[{SHARD_MAGIC}, {SHARD_VERSION}]); re-download or rebuild this file")
+    n, size = int(header[2]), os.path.getsize(path)
+    if size != HEADER_BYTES + 2 * n:
+        raise ConfigError(f"{path}: header says {n} tokens ({HEADER_BYTES + 2 * n} bytes) but the file has "
+                          f"{size} bytes; it is truncated or corrupt, re-download or rebuild it")
+    return np.memmap(path, dtype="<u2", mode="r", offset=HEADER_BYTES, shape=(n,))
+
+
+def shard_paths(data_path, split):
+    if not os.path.isdir(data_path):
+        raise ConfigError(f"DATA_PATH={data_path}: no such folder; {FETCH_HINT}")
+    paths = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    if not paths:
+        raise ConfigError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards; {FETCH_HINT}")
+    return paths
+
+
+class TrainLoader:
+    """Random seq_len+1 token windows, drawn without replacement within an epoch from a permutation
+    that depends only on SEED and the epoch; each epoch shifts the window grid by a random phase.
+    Every rank draws the same global batch and keeps its own disjoint slice."""
+
+    def __init__(self, paths, seq_len, seed, rank, world):
+        self.shards = [open_shard(p) for p in paths]
+        self.seq_len, self.seed, self.rank, self.world = seq_len, seed, rank, world
+        self.epoch, self.order, self.pos = -1, None, 0
+        self._new_epoch()
+
+    def _new_epoch(self):
+        self.epoch += 1
+        rng = np.random.default_rng([self.seed, self.epoch])
+        phase = int(rng.integers(self.seq_len)) if self.epoch else 0
+        counts = [max(0, (len(s) - 1 - phase) // self.seq_len) for s in self.shards]
+        if sum(counts) == 0:
+            raise ConfigError(f"the training shards hold fewer than TRAIN_SEQ_LEN+1={self.seq_len + 1} tokens")
+        shard = np.repeat(np.arange(len(counts)), counts)
+        start = phase + self.seq_len * np.concatenate([np.arange(c) for c in counts])
+        perm = rng.permutation(len(shard))
+        self.order, self.pos = np.stack([shard[perm], start[perm]], 1), 0
+
+    def _take(self, n):
+        out = []
+        while n:
+            if self.pos == len(self.order):
+                self._new_epoch()
+            part = self.order[self.pos:self.pos + n]
+            out.append(part)
+            self.pos += len(part)
+            n -= len(part)
+        return np.concatenate(out)
+
+    def next_step(self, micro_seqs, accum):
+        """This rank's `accum` micro-batches (int64 x, y of shape [micro_seqs, seq_len]) of one global step."""
+        windows = self._take(micro_seqs * self.world * accum).reshape(accum, self.world, micro_seqs, 2)[:, self.rank]
+        L = self.seq_len
+        for micro in windows:
+            buf = torch.from_numpy(np.stack([self.shards[i][s:s + L + 1] for i, s in micro]).astype(np.int64))
+            yield buf[:, :-1], buf[:, 1:]
+
+
+def load_val_tokens(data_path):
+    return np.concatenate([open_shard(p) for p in shard_paths(data_path, "val")])
+
+
+def byte_luts(sp, vocab_size):
+    """Per token id: UTF-8 bytes it adds to the text (a leading "▁" excluded), whether it has that leading
+    space, and whether it is a boundary (control/unknown/unused: no bytes, no space counted after it).
+    Byte-fallback pieces add one byte. This is the challenge's byte accounting."""
+    base = np.zeros(vocab_size, np.int64)
+    space = np.zeros(vocab_size, bool)
+    boundary = np.ones(vocab_size, bool)
+    for t in range(sp.get_piece_size()):
+        if sp.is_control(t) or sp.is_unknown(t) or sp.is_unused(t):
+            continue
+        boundary[t] = False
+        if sp.is_byte(t):
+            base[t] = 1
+            continue
+        piece = sp.id_to_piece(t)
+        space[t] = piece.startswith("\u2581")
+        base[t] = len(piece[int(space[t]):].encode("utf-8"))
+    return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
+
+
+def token_bytes(tgt, prev, luts):
+    """UTF-8 bytes each target token adds: its piece, plus its leading space unless it follows a boundary."""
+    base, space, boundary = luts
+    return base[tgt] + (space[tgt] & ~boundary[prev])
+
+
+def load_tokenizer_luts(path, vocab_size):
+    if not os.path.isfile(path):
+        raise ConfigError(f"TOKENIZER_PATH={path}: no such file; {FETCH_HINT}")
+    sp = spm.SentencePieceProcessor(model_file=path)
+    if sp.get_piece_size() > vocab_size:
+        raise ConfigError(f"TOKENIZER_PATH={path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}; raise VOCAB_SIZE")
+    return byte_luts(sp, vocab_size)
+
+
+# ----------------------------------------------------------------------------------------------------
+# MODEL
+
+
+def load_flash_attention():
+    """flash-attn 3 or 2 when importable on CUDA, else PyTorch SDPA."""
+    if torch.cuda.is_available():
+        for module in ("flash_attn_interface", "flash_attn"):
+            with contextlib.suppress(ImportError):
+                return importlib.import_module(module).flash_attn_func, module
+    return None, "sdpa"
+
+
+FLASH_ATTN, ATTENTION_BACKEND = load_flash_attention()
+
+
+def attend(q, k, v):
+    """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads)."""
+    if FLASH_ATTN is not None:
+        y = FLASH_ATTN(q, k, v, causal=True)
+        return y[0] if isinstance(y, tuple) else y
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    return y.transpose(1, 2)
+
+
+def rms_norm(x):
+    return F.rms_norm(x, (x.size(-1),))
+
+
+class CastedLinear(nn.Linear):
+    """Bias-free linear with an fp32 master weight, computed in the input's dtype."""
+
+    def __init__(self, n_in, n_out, zero_init=False):
+        super().__init__(n_in, n_out, bias=False)
+        self.zero_init = zero_init
+
+    def forward(self, x):
+        return F.linear(x, self.weight.to(x.dtype))
+
+
+def rotary_tables(rope_dims, seq_len, base, scale):
+    """cos/sin [seq_len, rope_dims/2] built for the real length (no NTK rescaling); scale stretches wavelengths."""
+    inv_freq = 1.0 / (scale * base ** (torch.arange(0, rope_dims, 2, dtype=torch.float64) / rope_dims))
+    angles = torch.outer(torch.arange(seq_len, dtype=torch.float64), inv_freq)
+    return angles.cos().float(), angles.sin().float()
+
+
+def apply_rotary(x, cos, sin):
+    """Rotates the first 2*cos.size(-1) dims of each head; dim i pairs with dim i + half."""
+    half = cos.size(-1)
+    if half == 0:
+        return x
+    cos, sin = cos[None, :x.size(1), None, :].to(x.dtype), sin[None, :x.size(1), None, :].to(x.dtype)
+    x1, x2, rest = x[..., :half], x[..., half:2 * half], x[..., 2 * half:]
+    return torch.cat((x1 * cos + x2 * sin, x2 * cos - x1 * sin, rest), -1)
+
+
+def exclusive(y, v):
+    """XSA: remove from each head's output its component along the token's own normalised value."""
+    B, T, H, D = y.shape
+    vn = F.normalize(v, dim=-1).unsqueeze(3)
+    y = y.view(B, T, v.size(2), H // v.size(2), D)
+    return (y - (y * vn).sum(-1, keepdim=True) * vn).view(B, T, H, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim, heads, kv_heads, xsa):
+        super().__init__()
+        self.heads, self.kv_heads, self.head_dim, self.xsa = heads, kv_heads, dim // heads, xsa
+        self.c_q = CastedLinear(dim, dim)
+        self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
+        self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
+        self.proj = CastedLinear(dim, dim, zero_init=True)
+
+    def forward(self, x, cos, sin, q_gain):
+        B, T, _ = x.shape
+        v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
+        q = rms_norm(self.c_q(x).view(B, T, self.heads, self.head_dim))
+        k = rms_norm(self.c_k(x).view(B, T, self.kv_heads, self.head_dim))
+        q = apply_rotary(q, cos, sin) * q_gain[:, None].to(q.dtype)
+        k = apply_rotary(k, cos, sin)
+        y = attend(q.to(v.dtype), k.to(v.dtype), v)
+        if self.xsa:
+            y = exclusive(y, v)
+        return self.proj(y.reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    """proj(act(fc x)^2) with act = ReLU (slope 0) or LeakyReLU(slope)."""
+
+    def __init__(self, dim, mult, slope):
+        super().__init__()
+        self.fc = CastedLinear(dim, int(mult * dim))
+        self.proj = CastedLinear(int(mult * dim), dim, zero_init=True)
+        self.slope = slope
+
+    def forward(self, x):
+        return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
+
+
+class Block(nn.Module):
+    """The matrices of one unique block; the control vectors come from the schedule position."""
+
+    def __init__(self, h, mlp_mult, xsa):
+        super().__init__()
+        slope = h.mlp_leaky_slope if h.mlp_act == "leaky_relu_sq" else 0.0
+        self.attn = Attention(h.model_dim, h.num_heads, h.num_kv_heads, xsa)
+        self.mlp = MLP(h.model_dim, mlp_mult, slope)
+
+    def forward(self, x, x0, mix, attn_scale, mlp_scale, q_gain, ln, cos, sin):
+        x = mix[0] * x + mix[1] * x0
+        x = x + attn_scale * self.attn(rms_norm(x) * ln, cos, sin, q_gain)
+        return x + mlp_scale * self.mlp(rms_norm(x) * ln)
+
+
+class BigramHash(nn.Module):
+    """Embedding of a hash of (previous token, token); the first position of a window and every BOS get
+    a reserved bucket, so nothing leaks across a document start."""
+
+    def __init__(self, buckets, dim, model_dim):
+        super().__init__()
+        self.buckets = buckets
+        self.embed = nn.Embedding(buckets, dim)
+        self.proj = CastedLinear(dim, model_dim)
+        self.scale = nn.Parameter(torch.tensor(0.05))
+
+    def forward(self, idx):
+        prev = F.pad(idx[:, :-1], (1, 0))
+        h = torch.bitwise_xor(36313 * idx, 27191 * prev) % (self.buckets - 1)
+        first = torch.arange(idx.size(1), device=idx.device) == 0
+        h = torch.where(first | (idx == BOS_ID), self.buckets - 1, h)
+        return self.scale * self.proj(self.embed(h))
+
+
+class SmearGate(nn.Module):
+    """x_t += lam * sigmoid(w . x_t[:width]) * x_{t-1}, switched off at BOS so documents never mix."""
+
+    def __init__(self, width=12):
+        super().__init__()
+        self.w = nn.Parameter(torch.zeros(width))
+        self.lam = nn.Parameter(torch.zeros(1))
+
+    def forward(self, x, idx):
+        gate = self.lam * torch.sigmoid(x[..., :self.w.numel()] @ self.w.to(x.dtype)) * (idx != BOS_ID)
+        return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
+
+
+def build_schedule(n_flat, n_crawl, loops):
+    """(block index, role, loop) per application: encoder flats, loops x crawler blocks, decoder flats."""
+    enc = [(j, "enc", -1) for j in range(n_flat // 2)]
+    mid = [(n_flat + c, "mid", k) for k in range(loops) for c in range(n_crawl)]
+    dec = [(j, "dec", -1) for j in range(n_flat // 2, n_flat)]
+    return enc + mid + dec
+
+
+class GPT(nn.Module):
+    def __init__(self, h):
+        super().__init__()
+        n_flat, n_crawl = h.num_flat_layers, h.num_crawler_layers if h.crawler_loops else 0
+        d, P = h.model_dim, None
+        xsa = h.xsa_flags()
+        self.blocks = nn.ModuleList([Block(h, h.mlp_mult, xsa[j]) for j in range(n_flat)] +
+                                    [Block(h, h.crawler_mlp_mult, xsa[n_flat + c]) for c in range(n_crawl)])
+        self.schedule = build_schedule(n_flat, n_crawl, h.crawler_loops)
+        P = len(self.schedule)
+        self.softcap = h.logit_softcap
+        self.tok_emb = nn.Embedding(h.vocab_size, d)
+        self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size else None
+        self.smear = SmearGate() if h.smear_gate else None
+        # Control vectors, one row per schedule position (a crawler block gets one row per loop).
+        self.app_emb = nn.Parameter(torch.zeros(P, d))  # added to the stream on entry: tells a loop apart
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(P, d), torch.zeros(P, d)], 1))
+        self.attn_scale = nn.Parameter(torch.ones(P, d))
+        self.mlp_scale = nn.Parameter(torch.ones(P, d))
+        self.q_gain = nn.Parameter(torch.full((P, h.num_heads), h.qk_gain_init))
+        n_skip = min(n_flat // 2, n_flat - n_flat // 2)
+        self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
+        ln = [1 / math.sqrt(p + 1) if h.ln_scale else 1.0 for p in range(P)]
+        self.register_buffer("ln", torch.tensor(ln), persistent=False)
+        # RoPE: table 0 for flat blocks, table 1+k for crawler loop k when per-loop scales are given.
+        scales = (1.0,) + tuple(h.crawler_loop_rope_scales)
+        self.rope_index = [1 + k if (role == "mid" and h.crawler_loop_rope_scales) else 0 for _, role, k in self.schedule]
+        length = max(h.train_seq_len, h.eval_seq_len)
+        tables = [rotary_tables(h.rope_dims, length, h.rope_base, s) for s in scales]
+        self.register_buffer("rope_cos", torch.stack([c for c, _ in tables]), persistent=False)
+        self.register_buffer("rope_sin", torch.stack([s for _, s in tables]), persistent=False)
+        self._init_weights(h.tied_embed_init_std)
+
+    def _init_weights(self, embed_std):
+        nn.init.normal_(self.tok_emb.weight, std=embed_std)
+        if self.bigram is not None:
+            nn.init.zeros_(self.bigram.embed.weight)
+        for m in self.modules():
+            if isinstance(m, CastedLinear):
+                nn.init.zeros_(m.weight) if m.zero_init else nn.init.orthogonal_(m.weight)
+
+    def forward(self, idx, targets):
+        """Per-token NLL in nats, float32 [B, T]."""
+        x = self.tok_emb(idx)
+        if self.bigram is not None:
+            x = x + self.bigram(idx)
+        x = rms_norm(x)
+        if self.smear is not None:
+            x = self.smear(x, idx)
+        x0, skips, n_dec = x, [], 0
+        for p, (j, role, _) in enumerate(self.schedule):
+            if role == "dec":
+                if skips:
+                    x = x + self.skip_weights[n_dec] * skips.pop()
+                n_dec += 1
+            r = self.rope_index[p]
+            x = self.blocks[j](x + self.app_emb[p], x0, self.resid_mix[p], self.attn_scale[p], self.mlp_scale[p],
+                               self.q_gain[p], self.ln[p], self.rope_cos[r], self.rope_sin[r])
+            if role == "enc":
+                skips.append(x)
+        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+
+
+# ----------------------------------------------------------------------------------------------------
+# OPTIMIZERS
+
+
+def newton_schulz(G, steps):
+    """Approximate orthogonalisation U V^T of a batch of matrices [n, rows, cols] (Muon's quintic iteration)."""
+    a, b, c = 3.4445, -4.7750, 2.0315
+    X = G.bfloat16()
+    tall = X.size(-2) > X.size(-1)
+    if tall:
+        X = X.mT
+    X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
+    for _ in range(steps):
+        A = X @ X.mT
+        X = a * X + (b * A + c * A @ A) @ X
+    return X.mT if tall else X
+
+
+class Muon(torch.optim.Optimizer):
+    """Nesterov momentum, orthogonalised by Newton-Schulz, decoupled weight decay. Same-shape matrices are
+    stacked into one batched call; with several ranks each orthogonalises a share and all-gathers."""
+
+    def __init__(self, params, lr, momentum, backend_steps, wd, rank=0, world=1, zeropower=newton_schulz):
+        super().__init__(list(params), dict(lr=lr, momentum=momentum, wd=wd))
+        self.steps, self.rank, self.world, self.zeropower = backend_steps, rank, world, zeropower
+        by_shape = {}
+        for p in self.param_groups[0]["params"]:
+            by_shape.setdefault(tuple(p.shape), []).append(p)
+        self.stacks = list(by_shape.values())
+
+    @torch.no_grad()
+    def step(self):
+        group = self.param_groups[0]
+        lr, mom, wd = group["lr"], group["momentum"], group["wd"]
+        for params in self.stacks:
+            share = -(-len(params) // self.world)
+            mine = params[self.rank * share:(self.rank + 1) * share]
+            rows, cols = params[0].shape
+            updates = torch.zeros((share, rows, cols), device=params[0].device, dtype=torch.bfloat16)
+            if mine:
+                grads = []
+                for p in mine:
+                    buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
+                    buf.mul_(mom).add_(p.grad)
+                    grads.append(p.grad.add(buf, alpha=mom))
+                updates[:len(mine)] = self.zeropower(torch.stack(grads), self.steps)
+            if self.world > 1:
+                gathered = torch.empty((share * self.world, rows, cols), device=updates.device, dtype=updates.dtype)
+                dist.all_gather_into_tensor(gathered, updates)
+                updates = gathered
+            scale = max(1.0, rows / cols) ** 0.5
+            for p, u in zip(params, updates):
+                p.mul_(1 - lr * wd).add_(u.to(p.dtype), alpha=-lr * scale)
+
+
+def param_groups(model):
+    """Muon for every CastedLinear weight, AdamW for embedding tables and for everything else."""
+    matrices = [m.weight for m in model.modules() if isinstance(m, CastedLinear)]
+    embeds = [m.weight for m in model.modules() if isinstance(m, nn.Embedding)]
+    taken = {id(p) for p in matrices + embeds}
+    scalars = [p for p in model.parameters() if id(p) not in taken]
+    return matrices, embeds, scalars
+
+
+def check_param_groups(model, groups):
+    """Every trainable parameter in exactly one group: an orphan would silently stay at its init."""
+    ids = [id(p) for g in groups for p in g]
+    names = {id(p): n for n, p in model.named_parameters()}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    missing, dup = trainable - set(ids), len(ids) - len(set(ids))
+    assert not missing and not dup and set(ids) <= trainable, (
+        f"optimizer groups: missing {[names[i] for i in missing]}, {dup} duplicated")
+
+
+def build_optimizers(model, h, rank, world, zeropower):
+    matrices, embeds, scalars = param_groups(model)
+    check_param_groups(model, (matrices, embeds, scalars))
+    adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=next(model.parameters()).is_cuda)
+    opts = [Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, rank, world, zeropower),
+            torch.optim.AdamW([dict(params=embeds, lr=h.embed_lr, weight_decay=h.embed_wd),
+                               dict(params=scalars, lr=h.scalar_lr, weight_decay=h.scalar_wd)], **adam)]
+    for opt in opts:
+        for g in opt.param_groups:
+            g["base_lr"] = g["lr"]
+    return opts
+
+
+def lr_multiplier(step, progress, h):
+    """Linear warmup over LR_WARMUP_STEPS, constant, then linear decay to MIN_LR_FRAC over the final
+    WARMDOWN_FRAC of the budget (progress in [0, 1] of wall clock, or of ITERATIONS without a cap)."""
+    warm = min(1.0, (step + 1) / h.lr_warmup_steps) if h.lr_warmup_steps else 1.0
+    left = 1.0 - progress
+    if h.warmdown_frac and left < h.warmdown_frac:
+        return warm * (h.min_lr_frac + (1 - h.min_lr_frac) * max(left, 0.0) / h.warmdown_frac)
+    return warm
+
+
+class EMA:
+    """fp32 exponential moving average of all parameters."""
+
+    def __init__(self, model, decay):
+        self.decay = decay
+        self.shadow = [p.detach().float().clone() for p in model.parameters()]
+
+    @torch.no_grad()
+    def update(self, model):
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in model.parameters()], 1 - self.decay)
+
+    @torch.no_grad()
+    def copy_to(self, model):
+        for p, s in zip(model.parameters(), self.shadow):
+            p.copy_(s)
+
+
+# ----------------------------------------------------------------------------------------------------
+# EVALUATION
+
+
+def eval_windows(n_targets, seq_len, stride):
+    """(start, first scored offset, length) per window. Every target is scored exactly once: the first
+    window scores all its positions, later ones only their last `stride` (the rest is context)."""
+    wins, ws = [], 0
+    while ws == 0 or ws + seq_len - stride < n_targets:
+        wins.append((ws, 0 if ws == 0 else seq_len - stride, min(seq_len, n_targets - ws)))
+        ws += stride
+    return wins
+
+
+@torch.no_grad()
+def evaluate(model, tokens, luts, h, rank, world, device, autocast):
+    """val_loss (nats/token) and val_bpb over all val targets, sums in float64 across ranks."""
+    L, B = h.eval_seq_len, h.eval_batch_seqs
+    wins = eval_windows(len(tokens) - 1, L, h.eval_stride)
+    mine = wins[rank * len(wins) // world:(rank + 1) * len(wins) // world]
+    luts = [t.to(device) for t in luts]
+    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
+    model.eval()
+    for i in range(0, len(mine), B):
+        batch = mine[i:i + B]
+        x = np.zeros((B, L + 1), np.int64)
+        mask = np.zeros((B, L), bool)
+        for r, (ws, first, n) in enumerate(batch):
+            x[r, :n + 1] = tokens[ws:ws + n + 1]
+            mask[r, first:n] = True
+        x, mask = torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+        inp, tgt = x[:, :-1], x[:, 1:]
+        with autocast:
+            nll = model(inp, tgt)
+        nbytes = token_bytes(tgt, inp, luts)
+        sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (nbytes * mask).sum().double()])
+    model.train()
+    if world > 1:
+        dist.all_reduce(sums)
+    nll, n_tok, n_bytes = sums.tolist()
+    return dict(val_loss=nll / n_tok, val_bpb=nll / math.log(2) / n_bytes, val_tokens=int(n_tok), val_bytes=int(n_bytes))
+
+
+# ----------------------------------------------------------------------------------------------------
+# TRAINING
+
+
+class Logger:
+    """Prints on rank 0 and appends to logs/<RUN_ID>.txt."""
+
+    def __init__(self, run_id, active):
+        self.active, self.path = active, os.path.join("logs", f"{run_id}.txt")
+        if active:
+            os.makedirs("logs", exist_ok=True)
+
+    def __call__(self, msg):
+        if self.active:
+            print(msg, flush=True)
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(msg + "\n")
+
+
+class Trainer:
+    """One optimizer step = `accum` micro-batches per rank, loss divided by `accum`."""
+
+    def __init__(self, model, runner, opts, h, accum, autocast):
+        self.model, self.runner, self.opts, self.h = model, runner, opts, h
+        self.accum, self.autocast, self.ema = accum, autocast, None
+
+    def step(self, batches, lr_mult, step):
+        h, total = self.h, None
+        for m, (x, y) in enumerate(batches):
+            sync = m == self.accum - 1 or not isinstance(self.runner, DDP)
+            with (contextlib.nullcontext() if sync else self.runner.no_sync()), self.autocast:
+                loss = self.runner(x, y).mean() / self.accum
+            loss.backward()
+            total = loss.detach() if total is None else total + loss.detach()
+        if h.grad_clip_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
+        frac = min(1.0, step / h.muon_momentum_warmup_steps) if h.muon_momentum_warmup_steps else 1.0
+        self.opts[0].param_groups[0]["momentum"] = (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+        for opt in self.opts:
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_mult
+            opt.step()
+        self.model.zero_grad(set_to_none=True)
+        if self.ema is not None:
+            self.ema.update(self.model)
+        return total
+
+    def warmup(self, steps, micro_seqs, seq_len, vocab, device):
+        """Runs `steps` steps on random tokens to compile every graph, then restores model and optimizer
+        state exactly, so warm-up neither trains the model nor touches data. Call before creating the EMA."""
+        if not steps:
+            return
+        saved = copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.opts]
+        gen = torch.Generator().manual_seed(0)
+        for s in range(steps):
+            toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
+            self.step([(t[:, :-1], t[:, 1:]) for t in toks], 1.0, s)
+        self.model.load_state_dict(saved[0])
+        for opt, state in zip(self.opts, saved[1]):
+            opt.load_state_dict(state)
+
+
+def setup_distributed():
+    """(rank, world, local_rank, device) from torchrun's environment; NCCL on CUDA, gloo on CPU."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    local = int(os.environ.get("LOCAL_RANK", 0))
+    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+    return rank, world, local, device
+
+
+def batch_layout(h, world):
+    """(sequences per micro-batch, accumulation steps) that keep TRAIN_BATCH_TOKENS global."""
+    L, micro = h.train_seq_len, h.micro_batch_tokens
+    if micro % L or h.train_batch_tokens % (micro * world):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must split into {world} ranks x MICRO_BATCH_TOKENS={micro}"
+                          f" x accumulation steps, and MICRO_BATCH_TOKENS into TRAIN_SEQ_LEN={L} sequences")
+    return micro // L, h.train_batch_tokens // (micro * world)
+
+
+def main():
+    h = Hyperparameters()
+    rank, world, local, device = setup_distributed()
+    log = Logger(h.run_id, rank == 0)
+    is_cuda = device.type == "cuda"
+    code = open(__file__, "rb").read()
+    log(f"run {h.run_id} | torch {torch.__version__} | {world} x {torch.cuda.get_device_name(device) if is_cuda else 'cpu'}"
+        f" | attention: {ATTENTION_BACKEND}" + ("" if FLASH_ATTN else " (flash-attn not installed: PyTorch SDPA)"))
+    if h.unknown_env:
+        log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    if is_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
+    micro_seqs, accum = batch_layout(h, world)
+
+    # Data
+    luts = load_tokenizer_luts(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_val_tokens(h.data_path)
+    train_paths = shard_paths(h.data_path, "train")
+    loader = TrainLoader(train_paths, h.train_seq_len, h.seed, rank, world)
+    log(f"data: {len(train_paths)} train shards, {sum(len(s) for s in loader.shards):,} train tokens, "
+        f"{len(val_tokens):,} val tokens | step = {world} ranks x {accum} x {micro_seqs} x {h.train_seq_len} tokens")
+
+    # Model and optimizers
+    model = GPT(h).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
+        f" | xsa {h.xsa_flags()}")
+    compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
+    zeropower = torch.compile(newton_schulz, dynamic=False) if h.compile else newton_schulz
+    runner = DDP(compiled, device_ids=[local] if is_cuda else None, broadcast_buffers=False) if world > 1 else compiled
+    opts = build_optimizers(model, h, rank, world, zeropower)
+    trainer = Trainer(model, runner, opts, h, accum, autocast)
+    ctrl = dist.new_group(backend="gloo") if world > 1 else None  # stop flag travels on CPU: no GPU sync
+
+    t_compile = time.perf_counter()
+    trainer.warmup(h.warmup_steps, micro_seqs, h.train_seq_len, h.vocab_size, device)
+    ema = trainer.ema = EMA(model, h.ema_decay) if h.ema_decay else None
+    log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t_compile:.1f}s, state restored")
+
+    def run_eval(label):
+        t = time.perf_counter()
+        res = evaluate(compiled, val_tokens, luts, h, rank, world, device, autocast)
+        log(f"{label}: val_loss {res['val_loss']:.5f} val_bpb {res['val_bpb']:.5f} ({time.perf_counter() - t:.1f}s)")
+        return res
+
+    # Training loop: the clock runs only while training (not while evaluating).
+    budget_ms = 1000 * h.max_wallclock_seconds
+    train_ms, step, stop = 0.0, 0, h.iterations == 0
+    if is_cuda:
+        torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    while not stop:
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        progress = elapsed / budget_ms if budget_ms else step / h.iterations
+        mult = lr_multiplier(step, progress, h)
+        loss = trainer.step(loader.next_step(micro_seqs, accum), mult, step)
+        step += 1
+        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
+        flag_t = torch.tensor([step >= h.iterations or (budget_ms > 0 and elapsed >= budget_ms)], dtype=torch.int32)
+        if ctrl is not None:
+            dist.broadcast(flag_t, 0, group=ctrl)
+        stop = bool(flag_t.item())
+        if step % h.train_log_every == 0 or stop or step <= 5:
+            if world > 1:  # the mean over all ranks' micro-batches, as one process would report it
+                dist.all_reduce(loss)
+                loss /= world
+            log(f"step {step} train_loss {loss.item():.4f} lr {mult:.3f} {elapsed / step:.1f}ms/step "
+                f"{step * h.train_batch_tokens / elapsed * 1000:,.0f} tok/s")
+        if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
+            if is_cuda:
+                torch.cuda.synchronize()
+            train_ms += 1000 * (time.perf_counter() - t0)
+            run_eval(f"step {step}")
+            t0 = time.perf_counter()
+    if is_cuda:
+        torch.cuda.synchronize()
+    train_ms += 1000 * (time.perf_counter() - t0)
+    log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)")
+
+    live = run_eval("final live weights")
+    result = dict(live_val_loss=live["val_loss"], live_val_bpb=live["val_bpb"])
+    if ema is not None:
+        ema.copy_to(model)
+        live = run_eval("final EMA weights")
+    result.update(live)
+    result.update(steps=step, train_time_ms=round(train_ms), step_avg_ms=train_ms / max(step, 1),
+                  tokens_per_s=step * h.train_batch_tokens / max(train_ms, 1e-9) * 1000, model_params=n_params,
+                  peak_mem_mib=torch.cuda.max_memory_allocated(device) // 2**20 if is_cuda else None,
+                  world_size=world, seed=h.seed, attention=ATTENTION_BACKEND,
+                  code_sha256=hashlib.sha256(code).hexdigest(), config=h.as_dict())
+    log(json.dumps(dict(event="final", **result)))
+    if world > 1:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    try:
+        main()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
