@@ -82,4 +82,4 @@ fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
-exec torchrun --standalone --nproc_per_node="$NPROC_PER_NODE" train_gpt.py
+exec python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" train_gpt.py

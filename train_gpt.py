@@ -90,7 +90,7 @@ class Hyperparameters:
         self.train_batch_tokens = i("TRAIN_BATCH_TOKENS", 786_432, lo=1)  # global tokens per step
         self.micro_batch_tokens = i("MICRO_BATCH_TOKENS", 98_304, lo=1)  # per rank per forward; rest is accumulation
         self.train_seq_len = i("TRAIN_SEQ_LEN", 2048, lo=2)
-        self.warmup_steps = i("WARMUP_STEPS", 20, lo=0)  # compile warm-up on random tokens, then rolled back
+        self.warmup_steps = i("WARMUP_STEPS", 5, lo=0)  # compile warm-up on random tokens, then rolled back
         self.lr_warmup_steps = i("LR_WARMUP_STEPS", 0, lo=0)  # linear LR ramp at the start
         self.warmdown_frac = f("WARMDOWN_FRAC", 0.7, lo=0, hi=1)  # final share of the budget with linear decay
         self.min_lr_frac = f("MIN_LR_FRAC", 0.1, lo=0, hi=1)  # LR multiplier at the end of warmdown
@@ -142,6 +142,7 @@ class Hyperparameters:
         # Runtime
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
+        self.save_checkpoint = b("SAVE_CHECKPOINT", True)  # write logs/<RUN_ID>_model.pt (final float weights)
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
         self.eval_stride = self.eval_stride or self.eval_seq_len
         self.check()
@@ -215,9 +216,9 @@ class TrainLoader:
     that depends only on SEED and the epoch; each epoch shifts the window grid by a random phase.
     Every rank draws the same global batch and keeps its own disjoint slice."""
 
-    def __init__(self, paths, seq_len, seed, rank, world):
+    def __init__(self, paths, seq_len, seed, rank, world, device=torch.device("cpu")):
         self.shards = [open_shard(p) for p in paths]
-        self.seq_len, self.seed, self.rank, self.world = seq_len, seed, rank, world
+        self.seq_len, self.seed, self.rank, self.world, self.device = seq_len, seed, rank, world, device
         self.epoch, self.order, self.pos = -1, None, 0
         self._new_epoch()
 
@@ -250,6 +251,8 @@ class TrainLoader:
         L = self.seq_len
         for micro in windows:
             buf = torch.from_numpy(np.stack([self.shards[i][s:s + L + 1] for i, s in micro]).astype(np.int64))
+            if self.device.type == "cuda":
+                buf = buf.pin_memory().to(self.device, non_blocking=True)
             yield buf[:, :-1], buf[:, 1:]
 
 
@@ -733,6 +736,12 @@ class Trainer:
             opt.load_state_dict(state)
 
 
+def save_atomic(obj, path):
+    """torch.save through a temp file and rename: a crash never leaves a half-written file."""
+    torch.save(obj, path + ".tmp")
+    os.replace(path + ".tmp", path)
+
+
 def setup_distributed():
     """(rank, world, local_rank, device) from torchrun's environment; NCCL on CUDA, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
@@ -769,6 +778,7 @@ def main():
     if is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # Newton-Schulz compiles once per matrix shape
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
     micro_seqs, accum = batch_layout(h, world)
 
@@ -776,7 +786,7 @@ def main():
     luts = load_tokenizer_luts(h.tokenizer_path, h.vocab_size)
     val_tokens = load_val_tokens(h.data_path)
     train_paths = shard_paths(h.data_path, "train")
-    loader = TrainLoader(train_paths, h.train_seq_len, h.seed, rank, world)
+    loader = TrainLoader(train_paths, h.train_seq_len, h.seed, rank, world, device)
     log(f"data: {len(train_paths)} train shards, {sum(len(s) for s in loader.shards):,} train tokens, "
         f"{len(val_tokens):,} val tokens | step = {world} ranks x {accum} x {micro_seqs} x {h.train_seq_len} tokens")
 
@@ -848,6 +858,8 @@ def main():
                   peak_mem_mib=torch.cuda.max_memory_allocated(device) // 2**20 if is_cuda else None,
                   world_size=world, seed=h.seed, attention=ATTENTION_BACKEND,
                   code_sha256=hashlib.sha256(code).hexdigest(), config=h.as_dict())
+    if h.save_checkpoint and rank == 0:
+        save_atomic(model.state_dict(), os.path.join("logs", f"{h.run_id}_model.pt"))
     log(json.dumps(dict(event="final", **result)))
     if world > 1:
         dist.destroy_process_group()

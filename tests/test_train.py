@@ -2,6 +2,8 @@
 loss curve as one process for the same global batch."""
 import re
 
+import torch
+
 from conftest import run_train, tiny_env
 
 
@@ -21,6 +23,8 @@ def test_tiny_crawler_learns(corpus, tmp_path, ln_vocab):
         assert key in final
     assert final["config"]["crawler_loops"] == 2 and final["attention"] == "sdpa"
     assert "flash-attn not installed" in log
+    state = torch.load(tmp_path / "logs" / "learn_model.pt")  # final weights saved for re-export
+    assert "blocks.2.mlp.fc.weight" in state and not list(tmp_path.glob("logs/*.tmp"))
 
 
 def test_two_ranks_match_one_process(corpus, tmp_path):
