@@ -61,6 +61,7 @@ fi
 : "${MICRO_BATCH_TOKENS:=98304}"
 : "${MAX_WALLCLOCK_SECONDS:=600}"
 : "${ITERATIONS:=20000}"
+: "${LR_WARMUP_STEPS:=20}"
 : "${WARMDOWN_FRAC:=0.7}"
 : "${MIN_LR_FRAC:=0.1}"
 # Optimizers and weight averaging

@@ -91,7 +91,7 @@ class Hyperparameters:
         self.micro_batch_tokens = i("MICRO_BATCH_TOKENS", 98_304, lo=1)  # per rank per forward; rest is accumulation
         self.train_seq_len = i("TRAIN_SEQ_LEN", 2048, lo=2)
         self.warmup_steps = i("WARMUP_STEPS", 5, lo=0)  # compile warm-up on random tokens, then rolled back
-        self.lr_warmup_steps = i("LR_WARMUP_STEPS", 0, lo=0)  # linear LR ramp at the start
+        self.lr_warmup_steps = i("LR_WARMUP_STEPS", 20, lo=0)  # linear LR ramp: Adam's first full-size steps spike the loss
         self.warmdown_frac = f("WARMDOWN_FRAC", 0.7, lo=0, hi=1)  # final share of the budget with linear decay
         self.min_lr_frac = f("MIN_LR_FRAC", 0.1, lo=0, hi=1)  # LR multiplier at the end of warmdown
         self.train_log_every = i("TRAIN_LOG_EVERY", 100, lo=1)
@@ -615,15 +615,19 @@ def lr_multiplier(step, progress, h):
 
 
 class EMA:
-    """fp32 exponential moving average of all parameters."""
+    """fp32 exponential moving average of all parameters. The decay ramps up as (1+n)/(10+n) until it
+    reaches EMA_DECAY, so the initial weights fade out even in short runs (else 0.997^600 = 17% of the
+    average would still be the random init after 600 steps)."""
 
     def __init__(self, model, decay):
-        self.decay = decay
+        self.decay, self.updates = decay, 0
         self.shadow = [p.detach().float().clone() for p in model.parameters()]
 
     @torch.no_grad()
     def update(self, model):
-        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in model.parameters()], 1 - self.decay)
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        self.updates += 1
+        torch._foreach_lerp_(self.shadow, [p.detach().float() for p in model.parameters()], 1 - decay)
 
     @torch.no_grad()
     def copy_to(self, model):

@@ -173,3 +173,20 @@ def test_autocast_free_forward_is_finite():
     nll = model(x, y)
     assert nll.shape == x.shape and torch.isfinite(nll).all()
     assert abs(nll.mean().item() - torch.log(torch.tensor(float(h.vocab_size)))) < 0.5
+
+
+def test_ema_forgets_the_initial_weights():
+    model = torch.nn.Linear(4, 4, bias=False)
+    with torch.no_grad():
+        model.weight.zero_()
+    ema = T.EMA(model, 0.997)
+    with torch.no_grad():
+        model.weight.fill_(1.0)
+    for _ in range(100):
+        ema.update(model)
+    assert torch.allclose(ema.shadow[0], torch.ones(4, 4), atol=1e-6)  # plain 0.997 would still be 26% init
+    first = T.EMA(model, 0.997)
+    with torch.no_grad():
+        model.weight.fill_(2.0)
+    first.update(model)
+    assert torch.allclose(first.shadow[0], torch.full((4, 4), 1.9))  # decay 0.1 at the first update
