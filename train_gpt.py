@@ -135,6 +135,21 @@ class Hyperparameters:
         self.adam_eps = f("ADAM_EPS", 1e-8, lo=0)
         self.grad_clip_norm = f("GRAD_CLIP_NORM", 0.3, lo=0)  # 0 = no clipping
         self.ema_decay = f("EMA_DECAY", 0.997, lo=0, hi=1)  # 0 = no EMA
+        # Export: quantization, compression, artifact budget
+        self.quant_method = s("QUANT_METHOD", "loop_gptq", choices=("rtn", "gptq", "loop_gptq"))
+        self.quant_bits = i("QUANT_BITS", 6, lo=2, hi=8)  # block matrices
+        self.crawler_quant_bits = i("CRAWLER_QUANT_BITS", 0, lo=0, hi=8)  # crawler block matrices; 0 = QUANT_BITS
+        self.embed_quant_bits = i("EMBED_QUANT_BITS", 8, lo=2, hi=8)  # embedding tables (round to nearest)
+        self.crawler_qat = b("CRAWLER_QAT", False)  # train the crawler through fake quantization at its export width
+        self.gptq_damp = f("GPTQ_DAMP", 0.01, lo=0)  # Hessian damping, times the mean diagonal
+        self.gptq_sdclip_k = f("GPTQ_SDCLIP_K", 0.0, lo=0)  # row clip = k * row std; 0 = per-row MSE clip search
+        self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: re-collect + re-quantize rounds for the crawler
+        self.gptq_calib_tokens = i("GPTQ_CALIB_TOKENS", 262_144, lo=1)  # training tokens for the Hessians (all ranks)
+        self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 12.0, lo=0)  # stop training this early for calibration
+        self.compressor = s("COMPRESSOR", "brotli", choices=("zstd", "brotli", "auto"))
+        self.max_artifact_bytes = i("MAX_ARTIFACT_BYTES", 16_000_000, lo=0)
+        self.eval_only = s("EVAL_ONLY", "")  # path of an artifact: evaluate it, no training
+        self.export_from = s("EXPORT_FROM", "")  # path of a saved float checkpoint: re-export it, no training
         # Evaluation
         self.eval_seq_len = i("EVAL_SEQ_LEN", 0, lo=0)  # 0 = TRAIN_SEQ_LEN
         self.eval_stride = i("EVAL_STRIDE", 0, lo=0)  # 0 = EVAL_SEQ_LEN (non-overlapping windows)
@@ -145,6 +160,7 @@ class Hyperparameters:
         self.save_checkpoint = b("SAVE_CHECKPOINT", True)  # write logs/<RUN_ID>_model.pt (final float weights)
         self.eval_seq_len = self.eval_seq_len or self.train_seq_len
         self.eval_stride = self.eval_stride or self.eval_seq_len
+        self.crawler_quant_bits = self.crawler_quant_bits or self.quant_bits
         self.check()
         ours = {n.split("_")[0] for n in r.names}
         self.unknown_env = sorted(k for k in environ if k not in r.names and k.split("_")[0] in ours)
@@ -160,6 +176,10 @@ class Hyperparameters:
         scales = self.crawler_loop_rope_scales
         if scales and (len(scales) != self.crawler_loops or min(scales) <= 0):
             raise ConfigError(f"CRAWLER_LOOP_ROPE_SCALES={','.join(map(str, scales))}: give {self.crawler_loops} positive values, one per loop")
+        for name in ("eval_only", "export_from"):
+            path = getattr(self, name)
+            if path and not os.path.isfile(path):
+                raise ConfigError(f"{name.upper()}={path}: no such file")
         if self.eval_stride > self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         self.xsa_flags()
@@ -325,15 +345,24 @@ def rms_norm(x):
     return F.rms_norm(x, (x.size(-1),))
 
 
+def fake_quantize(w, bits):
+    """Straight-through fake quantization: forward sees per-row symmetric `bits`-bit weights, backward
+    passes gradients to the float weights unchanged."""
+    step = w.detach().abs().amax(1, keepdim=True).clamp_min(1e-12) / (2 ** (bits - 1) - 1)
+    return w + ((w / step).round() * step - w).detach()
+
+
 class CastedLinear(nn.Linear):
-    """Bias-free linear with an fp32 master weight, computed in the input's dtype."""
+    """Bias-free linear with an fp32 master weight, computed in the input's dtype; with qat_bits set, the
+    forward sees the weight fake-quantized at that width (quantization-aware training)."""
 
     def __init__(self, n_in, n_out, zero_init=False):
         super().__init__(n_in, n_out, bias=False)
-        self.zero_init = zero_init
+        self.zero_init, self.qat_bits = zero_init, 0
 
     def forward(self, x):
-        return F.linear(x, self.weight.to(x.dtype))
+        w = fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
+        return F.linear(x, w.to(x.dtype))
 
 
 def rotary_tables(rope_dims, seq_len, base, scale):
@@ -483,6 +512,10 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", torch.stack([c for c, _ in tables]), persistent=False)
         self.register_buffer("rope_sin", torch.stack([s for _, s in tables]), persistent=False)
         self._init_weights(h.tied_embed_init_std)
+        if h.crawler_qat:
+            for m in self.blocks[n_flat:].modules():
+                if isinstance(m, CastedLinear):
+                    m.qat_bits = h.crawler_quant_bits
 
     def _init_weights(self, embed_std):
         nn.init.normal_(self.tok_emb.weight, std=embed_std)
@@ -636,6 +669,273 @@ class EMA:
 
 
 # ----------------------------------------------------------------------------------------------------
+# QUANTIZATION AND ARTIFACT: per-row symmetric ints for every matrix, fp16 for the small tensors
+
+
+def qmax(bits):
+    return 2 ** (bits - 1) - 1
+
+
+def row_scales(W, bits, sdclip_k=0.0, fracs=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
+    """Per-row step [rows, 1]: clip = k * row std when k > 0, else the fraction of the row's max |w|
+    that minimises that row's round-to-nearest error."""
+    W = W.float()
+    if sdclip_k:
+        return (sdclip_k * W.std(1, keepdim=True)).clamp_min(1e-12) / qmax(bits)
+    amax = W.abs().amax(1, keepdim=True).clamp_min(1e-12)
+    best, best_err = None, None
+    for frac in fracs:
+        step = amax * frac / qmax(bits)
+        err = (W - (W / step).round().clamp(-qmax(bits), qmax(bits)) * step).square().sum(1, keepdim=True)
+        better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
+        best = torch.where(better, step, best) if best is not None else step
+        best_err = torch.where(better, err, best_err) if best_err is not None else err
+    return best
+
+
+def quantize_rtn(W, step, bits):
+    return (W.float() / step).round().clamp(-qmax(bits), qmax(bits))
+
+
+def quantize_gptq(W, H, step, bits, damp, block=128):
+    """Textbook GPTQ with fixed per-row steps: columns in descending order of the Hessian diagonal, each
+    column's rounding error spread over the later columns through the upper Cholesky factor of H^-1,
+    processed in blocks of `block` columns. Returns integer levels [rows, cols]."""
+    W, H, q = W.float().clone(), H.float().clone(), qmax(bits)
+    dead = H.diagonal() == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    H.diagonal().add_(damp * H.diagonal().mean())
+    perm = torch.argsort(H.diagonal(), descending=True)
+    W, H, step = W[:, perm], H[perm][:, perm], step.float()[:, 0]
+    U = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(H)), upper=True)
+    Q = torch.zeros_like(W)
+    for a in range(0, W.size(1), block):
+        b = min(a + block, W.size(1))
+        Wb, Eb = W[:, a:b].clone(), torch.zeros(W.size(0), b - a, device=W.device)
+        for j in range(b - a):
+            Q[:, a + j] = (Wb[:, j] / step).round().clamp(-q, q)
+            Eb[:, j] = (Wb[:, j] - Q[:, a + j] * step) / U[a + j, a + j]
+            Wb[:, j:] -= Eb[:, j:j + 1] * U[a + j, a + j:b]
+        W[:, b:] -= Eb @ U[a:b, b:]
+    return Q[:, torch.argsort(perm)]
+
+
+class StopForward(Exception):
+    """Raised by a calibration hook once every target layer has seen its inputs."""
+
+
+def collect_hessians(model, names, batches, autocast, world):
+    """H = sum of x^T x over every input row each named CastedLinear sees on the calibration batches
+    (a shared block contributes once per application), summed across ranks. Each forward stops after
+    the last application of the last target."""
+    mods = dict(model.named_modules())
+    uses = {j: sum(1 for b, _, _ in model.schedule if b == j) for j in range(len(model.blocks))}
+    expected = {n: uses[int(n.split(".")[1])] if n.startswith("blocks.") else 1 for n in names}
+    H, seen = dict.fromkeys(names), {}
+
+    def hook(name):
+        def fn(_, inputs):
+            x = inputs[0].detach().flatten(0, -2).float()
+            H[name] = x.T @ x if H[name] is None else H[name].addmm_(x.T, x)
+            seen[name] = seen.get(name, 0) + 1
+            if all(seen.get(n, 0) == expected[n] for n in names):
+                raise StopForward
+        return fn
+
+    handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
+    try:
+        with torch.no_grad(), autocast:
+            for x, y in batches:
+                seen.clear()
+                with contextlib.suppress(StopForward):
+                    model(x, y)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if world > 1:
+        for n in names:
+            dist.all_reduce(H[n])
+    return H
+
+
+def input_groups(model):
+    """CastedLinear weight names grouped by shared input, in execution order: the bigram projection, then
+    per unique block (first application) q/k/v, attention output, MLP in, MLP out. Flags crawler blocks."""
+    groups = [(["bigram.proj"], False)] if model.bigram is not None else []
+    seen = []
+    for j, role, _ in model.schedule:
+        if j not in seen:
+            seen.append(j)
+            p = f"blocks.{j}."
+            groups += [([p + "attn.c_q", p + "attn.c_k", p + "attn.c_v"], role == "mid"), ([p + "attn.proj"], role == "mid"),
+                       ([p + "mlp.fc"], role == "mid"), ([p + "mlp.proj"], role == "mid")]
+    return groups
+
+
+def quantize_model(model, h, batches, autocast, world):
+    """Quantizes every CastedLinear weight (QUANT_METHOD) and the embedding tables (round to nearest);
+    small tensors stay float. Leaves the model's matrices at their dequantized values. Returns
+    {name: (levels int8, step fp16, bits) or fp16 tensor}, keyed by state_dict name."""
+    mods = dict(model.named_modules())
+    floats = {n: m.weight.detach().float().clone() for n, m in mods.items() if isinstance(m, CastedLinear)}
+    crawler = {f"blocks.{j}." for j, role, _ in model.schedule if role == "mid"}
+    bits_of = lambda n: h.crawler_quant_bits if any(n.startswith(c) for c in crawler) else h.quant_bits
+    out = {}
+
+    def quantize(names, H):
+        for n in names:
+            bits, W = bits_of(n), floats[n]
+            step = row_scales(W, bits, h.gptq_sdclip_k)
+            q = quantize_gptq(W, H[n], step, bits, h.gptq_damp) if H else quantize_rtn(W, step, bits)
+            out[n + ".weight"] = (q.to(torch.int8).cpu(), step.half().cpu(), bits)
+            with torch.no_grad():
+                mods[n].weight.copy_(q * step.half().float())
+
+    groups = input_groups(model)
+    if h.quant_method == "rtn":
+        quantize(list(floats), None)
+    elif h.quant_method == "gptq":  # one Hessian pass on the float model
+        quantize(list(floats), collect_hessians(model, list(floats), batches, autocast, world))
+    else:  # sequential: each group's inputs come from the already quantized layers before it
+        i = 0
+        while i < len(groups):
+            n = 1
+            while groups[i][1] and i + n < len(groups) and groups[i + n][1]:
+                n += 1  # the crawler blocks form one segment
+            for _ in range(1 + (h.gptq_loop_iters if groups[i][1] else 0)):  # crawler: again, now that its
+                for names, _ in groups[i:i + n]:                              # quantized loops feed it
+                    quantize(names, collect_hessians(model, names, batches, autocast, world))
+            i += n
+    for name, p in model.named_parameters():
+        if name in out:
+            continue
+        if isinstance(mods.get(name.rsplit(".", 1)[0]), nn.Embedding):
+            step = row_scales(p.detach(), h.embed_quant_bits)
+            out[name] = (quantize_rtn(p.detach(), step, h.embed_quant_bits).to(torch.int8).cpu(), step.half().cpu(),
+                         h.embed_quant_bits)
+        else:
+            out[name] = p.detach().half().cpu()
+    return out
+
+
+def dequantize(qstate):
+    return {n: (v[0].float() * v[1].float() if isinstance(v, tuple) else v.float()) for n, v in qstate.items()}
+
+
+def pack_levels(q, bits):
+    """Signed levels -> `bits`-bit unsigned codes packed densely (int6: 4 values in 3 bytes)."""
+    codes = (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
+    codes = np.pad(codes, (0, -len(codes) % 8))
+    return np.packbits(np.unpackbits(codes[:, None], axis=1)[:, 8 - bits:])
+
+
+def unpack_levels(buf, bits, count):
+    bitrows = np.unpackbits(buf).reshape(-1, bits)[:count]
+    codes = np.packbits(np.pad(bitrows, ((0, 0), (8 - bits, 0))), axis=1).ravel()
+    return codes.astype(np.int16) - qmax(bits) - 1
+
+
+def shuffle_bytes(buf, width):
+    """Byte k of every `width`-byte group together: bytes with the same role compress better."""
+    return np.ascontiguousarray(buf.reshape(-1, width).T).ravel()
+
+
+def unshuffle_bytes(buf, width):
+    return np.ascontiguousarray(buf.reshape(width, -1).T).ravel()
+
+
+ARTIFACT_MAGIC = b"PGCRAWL1"
+MODEL_KEYS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_flat_layers", "num_crawler_layers",
+              "crawler_loops", "crawler_loop_rope_scales", "mlp_mult", "crawler_mlp_mult", "mlp_act",
+              "mlp_leaky_slope", "rope_base", "rope_dims", "xsa_blocks", "logit_softcap", "bigram_vocab_size",
+              "bigram_dim", "smear_gate", "ln_scale", "train_seq_len")
+
+
+def serialize(qstate, config):
+    """One blob: header length, JSON header (model config, tensor table), then each tensor's bytes."""
+    table, parts = [], []
+    for name, v in qstate.items():
+        if isinstance(v, tuple):
+            q, step, bits = v
+            levels = shuffle_bytes(pack_levels(q, bits), bits)
+            parts += [levels, shuffle_bytes(step.reshape(-1).numpy().view(np.uint8), 2)]
+            table.append([name, list(q.shape), bits, len(levels)])
+        else:
+            parts.append(shuffle_bytes(v.reshape(-1).numpy().view(np.uint8), 2))
+            table.append([name, list(v.shape), 16, 0])
+    header = json.dumps({"config": config, "tensors": table}).encode()
+    return len(header).to_bytes(4, "little") + header + b"".join(p.tobytes() for p in parts)
+
+
+def deserialize(blob):
+    n = int.from_bytes(blob[:4], "little")
+    header = json.loads(blob[4:4 + n])
+    data, pos, qstate = np.frombuffer(blob, np.uint8), 4 + n, {}
+
+    def take(count):
+        nonlocal pos
+        if pos + count > len(data):
+            raise ValueError("data ends early")
+        pos += count
+        return data[pos - count:pos]
+
+    for name, shape, bits, nbytes in header["tensors"]:
+        count = math.prod(shape)
+        if bits == 16:
+            qstate[name] = torch.from_numpy(unshuffle_bytes(take(2 * count), 2).view(np.float16).reshape(shape).copy())
+            continue
+        levels = unpack_levels(unshuffle_bytes(take(nbytes), bits), bits, count)
+        step = unshuffle_bytes(take(2 * shape[0]), 2).view(np.float16).reshape(shape[0], 1)
+        qstate[name] = (torch.from_numpy(levels.astype(np.int8).reshape(shape)), torch.from_numpy(step.copy()), bits)
+    return qstate, header["config"]
+
+
+def compress(blob, method):
+    """(compressor name, bytes): zstd level 22, brotli quality 11, or whichever is smaller (auto)."""
+    out = {}
+    try:
+        if method in ("zstd", "auto"):
+            import zstandard
+            out["zstd"] = zstandard.ZstdCompressor(level=22, threads=-1).compress(blob)
+        if method in ("brotli", "auto"):
+            import brotli
+            out["brotli"] = brotli.compress(blob, quality=11, lgwin=24)
+    except ImportError as e:
+        raise ConfigError(f"COMPRESSOR={method} needs the '{e.name}' package: pip install {e.name}") from None
+    name = min(out, key=lambda k: len(out[k]))
+    return name, out[name], {k: len(v) for k, v in out.items()}
+
+
+def write_artifact(path, qstate, config, method):
+    """Writes magic + compressor name + compressed blob via a temp file; returns (compressor, sizes tried)."""
+    name, payload, sizes = compress(serialize(qstate, config), method)
+    with open(path + ".tmp", "wb") as fh:
+        fh.write(ARTIFACT_MAGIC + name.encode().ljust(8, b"\0") + payload)
+    os.replace(path + ".tmp", path)
+    return name, sizes
+
+
+def read_artifact(path):
+    raw = open(path, "rb").read()
+    if not raw.startswith(ARTIFACT_MAGIC):
+        raise ConfigError(f"{path}: not an artifact written by this script (bad magic)")
+    name = raw[8:16].rstrip(b"\0").decode()
+    try:
+        if name == "zstd":
+            import zstandard
+            blob = zstandard.ZstdDecompressor().decompress(raw[16:])
+        else:
+            import brotli
+            blob = brotli.decompress(raw[16:])
+        return deserialize(blob)
+    except ImportError as e:
+        raise ConfigError(f"{path} is {name}-compressed: pip install {e.name}") from None
+    except Exception as e:
+        raise ConfigError(f"{path}: corrupt or truncated artifact ({type(e).__name__}: {e}); re-export it") from None
+
+
+# ----------------------------------------------------------------------------------------------------
 # EVALUATION
 
 
@@ -747,7 +1047,7 @@ def save_atomic(obj, path):
 
 
 def setup_distributed():
-    """(rank, world, local_rank, device) from torchrun's environment; NCCL on CUDA, gloo on CPU."""
+    """(rank, world, device) from torchrun's environment; NCCL on CUDA, gloo on CPU."""
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     local = int(os.environ.get("LOCAL_RANK", 0))
     device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
@@ -755,7 +1055,7 @@ def setup_distributed():
         torch.cuda.set_device(device)
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return rank, world, local, device
+    return rank, world, device
 
 
 def batch_layout(h, world):
@@ -767,66 +1067,33 @@ def batch_layout(h, world):
     return micro // L, h.train_batch_tokens // (micro * world)
 
 
-def main():
-    h = Hyperparameters()
-    rank, world, local, device = setup_distributed()
-    log = Logger(h.run_id, rank == 0)
+def train(h, model, compiled, rank, world, device, autocast, log, run_eval):
+    """Compile warm-up, then the timed loop until MAX_WALLCLOCK_SECONDS (less the calibration reserve) or
+    ITERATIONS. Returns (steps, training ms, EMA or None, loader)."""
     is_cuda = device.type == "cuda"
-    code = open(__file__, "rb").read()
-    log(f"run {h.run_id} | torch {torch.__version__} | {world} x {torch.cuda.get_device_name(device) if is_cuda else 'cpu'}"
-        f" | attention: {ATTENTION_BACKEND}" + ("" if FLASH_ATTN else " (flash-attn not installed: PyTorch SDPA)"))
-    if h.unknown_env:
-        log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
-    torch.manual_seed(h.seed)
-    np.random.seed(h.seed)
-    if is_cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    torch._dynamo.config.cache_size_limit = 64  # Newton-Schulz compiles once per matrix shape
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
     micro_seqs, accum = batch_layout(h, world)
-
-    # Data
-    luts = load_tokenizer_luts(h.tokenizer_path, h.vocab_size)
-    val_tokens = load_val_tokens(h.data_path)
-    train_paths = shard_paths(h.data_path, "train")
-    loader = TrainLoader(train_paths, h.train_seq_len, h.seed, rank, world, device)
-    log(f"data: {len(train_paths)} train shards, {sum(len(s) for s in loader.shards):,} train tokens, "
-        f"{len(val_tokens):,} val tokens | step = {world} ranks x {accum} x {micro_seqs} x {h.train_seq_len} tokens")
-
-    # Model and optimizers
-    model = GPT(h).to(device)
-    n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
-        f" | xsa {h.xsa_flags()}")
-    compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
+    paths = shard_paths(h.data_path, "train")
+    loader = TrainLoader(paths, h.train_seq_len, h.seed, rank, world, device)
+    log(f"data: {len(paths)} train shards, {sum(len(s) for s in loader.shards):,} train tokens | "
+        f"step = {world} ranks x {accum} x {micro_seqs} x {h.train_seq_len} tokens")
     zeropower = torch.compile(newton_schulz, dynamic=False) if h.compile else newton_schulz
-    runner = DDP(compiled, device_ids=[local] if is_cuda else None, broadcast_buffers=False) if world > 1 else compiled
-    opts = build_optimizers(model, h, rank, world, zeropower)
-    trainer = Trainer(model, runner, opts, h, accum, autocast)
+    runner = DDP(compiled, device_ids=[device.index] if is_cuda else None, broadcast_buffers=False) if world > 1 else compiled
+    trainer = Trainer(model, runner, build_optimizers(model, h, rank, world, zeropower), h, accum, autocast)
     ctrl = dist.new_group(backend="gloo") if world > 1 else None  # stop flag travels on CPU: no GPU sync
-
-    t_compile = time.perf_counter()
+    t = time.perf_counter()
     trainer.warmup(h.warmup_steps, micro_seqs, h.train_seq_len, h.vocab_size, device)
     ema = trainer.ema = EMA(model, h.ema_decay) if h.ema_decay else None
-    log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t_compile:.1f}s, state restored")
+    log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t:.1f}s, state restored")
 
-    def run_eval(label):
-        t = time.perf_counter()
-        res = evaluate(compiled, val_tokens, luts, h, rank, world, device, autocast)
-        log(f"{label}: val_loss {res['val_loss']:.5f} val_bpb {res['val_bpb']:.5f} ({time.perf_counter() - t:.1f}s)")
-        return res
-
-    # Training loop: the clock runs only while training (not while evaluating).
-    budget_ms = 1000 * h.max_wallclock_seconds
+    reserve = h.gptq_reserve_seconds if h.quant_method != "rtn" else 0.0
+    budget_ms = 1000 * max(h.max_wallclock_seconds - reserve, 0.0) if h.max_wallclock_seconds else 0.0
     train_ms, step, stop = 0.0, 0, h.iterations == 0
     if is_cuda:
         torch.cuda.synchronize()
     t0 = time.perf_counter()
     while not stop:
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        progress = elapsed / budget_ms if budget_ms else step / h.iterations
-        mult = lr_multiplier(step, progress, h)
+        mult = lr_multiplier(step, elapsed / budget_ms if budget_ms else step / h.iterations, h)
         loss = trainer.step(loader.next_step(micro_seqs, accum), mult, step)
         step += 1
         elapsed = train_ms + 1000 * (time.perf_counter() - t0)
@@ -850,28 +1117,131 @@ def main():
         torch.cuda.synchronize()
     train_ms += 1000 * (time.perf_counter() - t0)
     log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)")
+    return step, train_ms, ema, loader
 
-    live = run_eval("final live weights")
-    result = dict(live_val_loss=live["val_loss"], live_val_bpb=live["val_bpb"])
+
+def calibration_batches(h, loader, world):
+    """GPTQ_CALIB_TOKENS of fresh training windows, split across ranks."""
+    seqs = max(1, h.gptq_calib_tokens // (h.train_seq_len * world))
+    per_batch = max(1, min(seqs, h.micro_batch_tokens // h.train_seq_len))
+    return list(loader.next_step(per_batch, -(-seqs // per_batch)))
+
+
+def main():
+    h = Hyperparameters()
+    rank, world, device = setup_distributed()
+    log = Logger(h.run_id, rank == 0)
+    is_cuda = device.type == "cuda"
+    code = open(__file__, "rb").read()
+    log(f"run {h.run_id} | torch {torch.__version__} | {world} x {torch.cuda.get_device_name(device) if is_cuda else 'cpu'}"
+        f" | attention: {ATTENTION_BACKEND}" + ("" if FLASH_ATTN else " (flash-attn not installed: PyTorch SDPA)"))
+    if h.unknown_env:
+        log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
+    torch.manual_seed(h.seed)
+    np.random.seed(h.seed)
+    if is_cuda:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+    torch._dynamo.config.cache_size_limit = 64  # Newton-Schulz compiles once per matrix shape
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
+    if h.eval_only:  # the architecture comes from the artifact, everything else from the environment
+        qstate, config = read_artifact(h.eval_only)
+        for k, v in config.items():
+            setattr(h, k, tuple(v) if isinstance(v, list) else v)
+    luts = load_tokenizer_luts(h.tokenizer_path, h.vocab_size)
+    val_tokens = load_val_tokens(h.data_path)
+    log(f"val: {len(val_tokens):,} tokens from {h.data_path}")
+    model = GPT(h).to(device)
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
+        f" | xsa {h.xsa_flags()}")
+    compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
+    result = dict(model_params=n_params, world_size=world, seed=h.seed, attention=ATTENTION_BACKEND,
+                  code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code), quant_method=h.quant_method)
+
+    def run_eval(label, key=None):
+        t = time.perf_counter()
+        res = evaluate(compiled, val_tokens, luts, h, rank, world, device, autocast)
+        secs = time.perf_counter() - t
+        log(f"{label}: val_loss {res['val_loss']:.5f} val_bpb {res['val_bpb']:.5f} ({secs:.1f}s)")
+        if key:
+            result.update({f"{key}_val_loss": res["val_loss"], f"{key}_val_bpb": res["val_bpb"], f"{key}_eval_s": secs})
+        return res
+
+    if h.eval_only:
+        model.load_state_dict(dequantize(qstate))
+        result.update(model_bytes=os.path.getsize(h.eval_only))
+        final = run_eval(f"artifact {h.eval_only}", "roundtrip")
+        return finish(h, log, world, result, final, device)
+
+    if h.export_from:
+        model.load_state_dict(torch.load(h.export_from, map_location=device))
+        steps, train_ms, ema, loader = 0, 0.0, None, TrainLoader(
+            shard_paths(h.data_path, "train"), h.train_seq_len, h.seed, rank, world, device)
+        log(f"export from {h.export_from} (no training)")
+    else:
+        steps, train_ms, ema, loader = train(h, model, compiled, rank, world, device, autocast, log, run_eval)
+    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
     if ema is not None:
         ema.copy_to(model)
-        live = run_eval("final EMA weights")
-    result.update(live)
-    result.update(steps=step, train_time_ms=round(train_ms), step_avg_ms=train_ms / max(step, 1),
-                  tokens_per_s=step * h.train_batch_tokens / max(train_ms, 1e-9) * 1000, model_params=n_params,
-                  peak_mem_mib=torch.cuda.max_memory_allocated(device) // 2**20 if is_cuda else None,
-                  world_size=world, seed=h.seed, attention=ATTENTION_BACKEND,
-                  code_sha256=hashlib.sha256(code).hexdigest(), config=h.as_dict())
-    if h.save_checkpoint and rank == 0:
-        save_atomic(model.state_dict(), os.path.join("logs", f"{h.run_id}_model.pt"))
-    log(json.dumps(dict(event="final", **result)))
+    final_float = {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+    # Calibration and quantization read training data, so they run inside the training time budget.
+    t = time.perf_counter()
+    batches = calibration_batches(h, loader, world) if h.quant_method != "rtn" else []
+    qstate = quantize_model(model, h, batches, autocast, world)
+    if is_cuda:
+        torch.cuda.synchronize()
+    quant_s = time.perf_counter() - t
+    data_s = train_ms / 1000 + quant_s if steps and h.max_wallclock_seconds else None
+    log(f"quantize: {h.quant_method} in {quant_s:.1f}s" + (f"; training data last read at {data_s:.1f}s of the "
+        f"{h.max_wallclock_seconds:.0f}s budget" if data_s is not None else ""))
+    if data_s is not None and data_s > h.max_wallclock_seconds:
+        log(f"warning: training + calibration took {data_s:.1f}s > MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
+    artifact = os.path.join("logs", f"{h.run_id}_model.ptz")
+    t = time.perf_counter()
+    if rank == 0:
+        result["compressor"], result["compressed_bytes"] = write_artifact(
+            artifact, qstate, {k: getattr(h, k) for k in MODEL_KEYS}, h.compressor)
+        if h.save_checkpoint:
+            save_atomic(final_float, os.path.join("logs", f"{h.run_id}_model.pt"))
+    if world > 1:
+        dist.barrier()
+    model_bytes = os.path.getsize(artifact)
+    result.update(steps=steps, train_time_ms=round(train_ms), step_avg_ms=train_ms / max(steps, 1),
+                  tokens_per_s=steps * h.train_batch_tokens / max(train_ms, 1e-9) * 1000, quant_s=quant_s,
+                  compress_s=time.perf_counter() - t, model_bytes=model_bytes, artifact_bytes=model_bytes + len(code),
+                  artifact_path=artifact)
+    log(f"artifact: {artifact} {model_bytes:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
+        f"{len(code):,} = {model_bytes + len(code):,} bytes")
+
+    if ema is not None:
+        model.load_state_dict(live)
+        run_eval("live weights (before EMA)", "live")
+    model.load_state_dict(final_float)
+    run_eval("prequant" + (" (EMA)" if ema is not None else ""), "prequant")
+    model.load_state_dict(dequantize(read_artifact(artifact)[0]))
+    final = run_eval("roundtrip (from the artifact file)", "roundtrip")
+    return finish(h, log, world, result, final, device)
+
+
+def finish(h, log, world, result, final, device):
+    """Final JSON line; an artifact over MAX_ARTIFACT_BYTES is reported (and kept) with exit code 3."""
+    result.update(final, peak_mem_mib=torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else None,
+                  config=h.as_dict())
+    over = result.get("artifact_bytes", 0) - h.max_artifact_bytes
+    if over > 0:
+        log(f"error: artifact {result['artifact_bytes']:,} bytes is {over:,} bytes over MAX_ARTIFACT_BYTES="
+            f"{h.max_artifact_bytes:,}; kept at {result['artifact_path']}. Shrink the model or lower QUANT_BITS")
+    log(json.dumps(dict(event="final", over_budget=over > 0, **result)))
     if world > 1:
         dist.destroy_process_group()
+    return 3 if over > 0 else 0
 
 
 if __name__ == "__main__":
     try:
-        main()
+        sys.exit(main())
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

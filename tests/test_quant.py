@@ -1,0 +1,190 @@
+"""Export: packing is lossless, rounding stays within half a step, GPTQ beats round-to-nearest on correlated
+inputs, loop-aware GPTQ helps a crawler, artifacts load back bit-exactly, and bad artifacts fail clearly."""
+import contextlib
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+import train_gpt as T
+from conftest import TINY, run_train, tiny_env
+from test_data import assert_one_line_error, run_script
+
+CPU = torch.device("cpu")
+
+
+def hparams(**extra):
+    return T.Hyperparameters(dict(TINY, **{k: str(v) for k, v in extra.items()}))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 5, 6, 7, 8])
+def test_pack_unpack_lossless(bits):
+    g = torch.Generator().manual_seed(bits)
+    q = torch.randint(-T.qmax(bits), T.qmax(bits) + 1, (13, 37), generator=g)
+    q[0, :2] = torch.tensor([-T.qmax(bits), T.qmax(bits)])
+    packed = T.pack_levels(q, bits)
+    assert len(packed) == -(-q.numel() // 8) * bits  # dense: int6 = 4 values in 3 bytes
+    assert np.array_equal(T.unpack_levels(packed, bits, q.numel()).reshape(13, 37), q.numpy())
+    assert np.array_equal(T.unshuffle_bytes(T.shuffle_bytes(packed, bits), bits), packed)
+
+
+def test_round_to_nearest_error_within_half_a_step():
+    W = torch.randn(64, 96) * torch.rand(64, 1)
+    step = T.row_scales(W, 6, fracs=(1.0,))  # no clipping: every weight within half a step
+    err = (W - T.quantize_rtn(W, step, 6) * step).abs()
+    assert (err <= step / 2 + 1e-6).all()
+    searched = T.row_scales(W, 6)  # the clip search never does worse than no clipping, row by row
+    err_s = (W - T.quantize_rtn(W, searched, 6) * searched).square().sum(1)
+    assert (err_s <= err.square().sum(1) + 1e-9).all() and (searched <= step + 1e-12).all()
+    sd = T.row_scales(W, 6, sdclip_k=12.0)
+    assert torch.allclose(sd[:, 0], 12.0 * W.std(1) / 31)
+
+
+def correlated_inputs(n=4096, d=128, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    mix = torch.eye(d) + torch.randn(d, d, generator=g) / d ** 0.5
+    return torch.randn(n, d, generator=g) @ mix * torch.exp(0.5 * torch.randn(d, generator=g))
+
+
+def test_gptq_beats_round_to_nearest_on_correlated_inputs():
+    X = correlated_inputs()
+    W = torch.randn(96, 128, generator=torch.Generator().manual_seed(1)) * 0.02
+    H = X.T @ X
+    for bits in (4, 6):
+        step = T.row_scales(W, bits)
+        rtn = T.quantize_rtn(W, step, bits) * step
+        gptq = T.quantize_gptq(W, H, step, bits, damp=0.01) * step
+        e_rtn, e_gptq = (X @ (W - rtn).T).norm(), (X @ (W - gptq).T).norm()
+        assert e_gptq < 0.8 * e_rtn, (bits, e_gptq, e_rtn)
+        assert (T.quantize_gptq(W, H, step, bits, 0.01).abs() <= T.qmax(bits)).all()
+
+
+def test_gptq_on_uncorrelated_inputs_is_rounding():
+    W = torch.randn(32, 64)
+    step = T.row_scales(W, 6)
+    q = T.quantize_gptq(W, torch.eye(64) * 5.0, step, 6, damp=0.01)
+    assert torch.equal(q, T.quantize_rtn(W, step, 6))
+
+
+@pytest.fixture(scope="module")
+def trained(corpus):
+    """A tiny crawler (3 loops) trained 50 steps, its val tokens, byte tables and calibration batches."""
+    data, tok, _ = corpus
+    h = hparams(DATA_PATH=data, CRAWLER_LOOPS=3)
+    torch.manual_seed(0)
+    model = T.GPT(h)
+    opts = T.build_optimizers(model, h, 0, 1, T.newton_schulz)
+    trainer = T.Trainer(model, model, opts, h, 1, contextlib.nullcontext())
+    loader = T.TrainLoader(T.shard_paths(data, "train"), h.train_seq_len, 0, 0, 1)
+    for s in range(50):
+        trainer.step(loader.next_step(32, 1), T.lr_multiplier(s, s / 50, h), s)
+    calib = list(loader.next_step(16, 4))
+    return model, T.load_val_tokens(data)[:6000], T.load_tokenizer_luts(str(tok), h.vocab_size), calib
+
+
+def quantized_loss(trained, **extra):
+    model, tokens, luts, calib = trained
+    h = hparams(CRAWLER_LOOPS=3, **extra)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    qstate = T.quantize_model(model, h, calib, contextlib.nullcontext(), 1)
+    model.load_state_dict(T.dequantize(qstate))
+    res = T.evaluate(model, tokens, luts, h, 0, 1, CPU, contextlib.nullcontext())
+    model.load_state_dict(state)
+    return res["val_loss"], qstate
+
+
+def test_loop_aware_gptq_no_worse_than_plain_gptq(trained):
+    model, tokens, luts, _ = trained
+    base = T.evaluate(model, tokens, luts, hparams(CRAWLER_LOOPS=3), 0, 1, CPU, contextlib.nullcontext())["val_loss"]
+    losses = {m: quantized_loss(trained, QUANT_METHOD=m, QUANT_BITS=4)[0] for m in ("rtn", "gptq", "loop_gptq")}
+    assert base < losses["loop_gptq"] <= losses["gptq"] < losses["rtn"], (base, losses)
+
+
+def test_artifact_roundtrip_is_bit_exact(trained, tmp_path):
+    model, tokens, luts, _ = trained
+    loss, qstate = quantized_loss(trained, QUANT_METHOD="gptq", CRAWLER_QUANT_BITS=8)
+    assert qstate["blocks.2.mlp.fc.weight"][2] == 8 and qstate["blocks.0.mlp.fc.weight"][2] == 6
+    assert qstate["tok_emb.weight"][2] == 8 and qstate["app_emb"].dtype == torch.float16
+    config = {k: getattr(hparams(CRAWLER_LOOPS=3), k) for k in T.MODEL_KEYS}
+    for method in ("zstd", "brotli", "auto"):
+        path = str(tmp_path / f"a_{method}.ptz")
+        name, sizes = T.write_artifact(path, qstate, config, method)
+        assert name == method or (method == "auto" and sizes[name] == min(sizes.values()) and len(sizes) == 2)
+        assert os.path.getsize(path) == 16 + sizes[name]
+        back, cfg = T.read_artifact(path)
+        assert cfg["crawler_loops"] == 3 and list(back) == list(qstate)
+        for k, v in qstate.items():
+            w = back[k]
+            if isinstance(v, tuple):
+                assert torch.equal(v[0], w[0]) and torch.equal(v[1], w[1]) and v[2] == w[2], k
+            else:
+                assert torch.equal(v, w), k
+    # the roundtrip eval equals the eval of the in-memory dequantized weights
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    model.load_state_dict(T.dequantize(back))
+    res = T.evaluate(model, tokens, luts, hparams(CRAWLER_LOOPS=3), 0, 1, CPU, contextlib.nullcontext())
+    model.load_state_dict(state)
+    assert res["val_loss"] == loss
+
+
+def test_bad_artifacts_fail_clearly(trained, tmp_path, corpus):
+    _, qstate = quantized_loss(trained, QUANT_METHOD="rtn")
+    path = str(tmp_path / "good.ptz")
+    T.write_artifact(path, qstate, {k: getattr(hparams(), k) for k in T.MODEL_KEYS}, "zstd")
+    raw = open(path, "rb").read()
+    (tmp_path / "trunc.ptz").write_bytes(raw[:len(raw) // 2])
+    (tmp_path / "magic.ptz").write_bytes(b"NOTMINE!" + raw[8:])
+    with pytest.raises(T.ConfigError, match="trunc.ptz: corrupt or truncated artifact"):
+        T.read_artifact(str(tmp_path / "trunc.ptz"))
+    with pytest.raises(T.ConfigError, match="magic.ptz: not an artifact"):
+        T.read_artifact(str(tmp_path / "magic.ptz"))
+    env = tiny_env(corpus, RUN_ID="bad", EVAL_ONLY=tmp_path / "trunc.ptz")
+    assert_one_line_error(run_script(env, tmp_path), "trunc.ptz: corrupt or truncated artifact")
+
+
+def test_crawler_qat_fake_quantizes_forward_and_trains_floats():
+    h = hparams(CRAWLER_QAT=1, CRAWLER_QUANT_BITS=5)
+    torch.manual_seed(0)
+    model = T.GPT(h)
+    crawler = model.blocks[2].mlp.fc
+    assert crawler.qat_bits == 5 and model.blocks[0].mlp.fc.qat_bits == 0
+    x = torch.randn(3, 64)
+    W = crawler.weight.detach()
+    expected = torch.nn.functional.linear(x, T.quantize_rtn(W, T.row_scales(W, 5, fracs=(1.0,)), 5)
+                                          * T.row_scales(W, 5, fracs=(1.0,)))
+    out = crawler(x)
+    assert torch.allclose(out, expected, atol=1e-5) and not torch.allclose(out, torch.nn.functional.linear(x, W))
+    out.square().sum().backward()
+    assert crawler.weight.grad is not None and crawler.weight.grad.abs().sum() > 0
+
+
+def test_export_phases_end_to_end(corpus, tmp_path):
+    """Train + loop-aware GPTQ inside the budget; EVAL_ONLY of the artifact and EXPORT_FROM of the
+    checkpoint reproduce the numbers; an artifact over budget is reported, kept, and exits 3."""
+    env = tiny_env(corpus, RUN_ID="full", ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=12, GPTQ_RESERVE_SECONDS=6,
+                   GPTQ_CALIB_TOKENS=8192, COMPRESSOR="zstd")
+    final, log = run_train(env, tmp_path)
+    assert 6000 <= final["train_time_ms"] < 6000 + 3 * final["step_avg_ms"] + 500
+    assert final["quant_method"] == "loop_gptq" and "training data last read at" in log
+    data_s = float(log.split("training data last read at ")[1].split("s")[0])
+    assert data_s <= 12
+    assert final["artifact_bytes"] == final["model_bytes"] + final["code_bytes"]
+    assert final["model_bytes"] == os.path.getsize(tmp_path / "logs/full_model.ptz")
+    assert final["code_bytes"] == len(open(T.__file__, "rb").read())
+    assert final["val_bpb"] == final["roundtrip_val_bpb"]
+    assert abs(final["prequant_val_bpb"] - final["roundtrip_val_bpb"]) < 0.05  # int6 costs little
+    for key in ("live_val_bpb", "quant_s", "compress_s", "roundtrip_eval_s", "prequant_eval_s", "compressor"):
+        assert key in final
+    again, _ = run_train(tiny_env(corpus, RUN_ID="evalonly", EVAL_ONLY=tmp_path / "logs/full_model.ptz",
+                                  MODEL_DIM=96), tmp_path)  # architecture comes from the artifact
+    assert again["roundtrip_val_loss"] == final["roundtrip_val_loss"]
+    redo, _ = run_train(tiny_env(corpus, RUN_ID="redo", EXPORT_FROM=tmp_path / "logs/full_model.pt",
+                                 QUANT_METHOD="rtn", MAX_ARTIFACT_BYTES=1000), tmp_path, expect_rc=3)
+    assert redo["prequant_val_loss"] == final["prequant_val_loss"] and redo["steps"] == 0
+    assert redo["over_budget"] and os.path.exists(tmp_path / "logs/redo_model.ptz")
+    log = (tmp_path / "logs/redo.txt").read_text()
+    over = redo["artifact_bytes"] - 1000
+    assert f"is {over:,} bytes over MAX_ARTIFACT_BYTES=1,000" in log
+    assert json.loads(log.strip().splitlines()[-1])["event"] == "final"
