@@ -150,20 +150,45 @@ class Hyperparameters:
         self.max_artifact_bytes = i("MAX_ARTIFACT_BYTES", 16_000_000, lo=0)
         self.eval_only = s("EVAL_ONLY", "")  # path of an artifact: evaluate it, no training
         self.export_from = s("EXPORT_FROM", "")  # path of a saved float checkpoint: re-export it, no training
-        # Evaluation
+        # Evaluation and score-first test-time training
         self.eval_seq_len = i("EVAL_SEQ_LEN", 0, lo=0)  # 0 = TRAIN_SEQ_LEN
-        self.eval_stride = i("EVAL_STRIDE", 0, lo=0)  # 0 = EVAL_SEQ_LEN (non-overlapping windows)
+        self.eval_stride = i("EVAL_STRIDE", 64, lo=0)  # sliding window step; 0 = EVAL_SEQ_LEN (no sliding eval)
         self.eval_batch_seqs = i("EVAL_BATCH_SEQS", 32, lo=1)  # windows per forward per rank
+        self.eval_doc_isolation = b("EVAL_DOC_ISOLATION", False)  # no context across a BOS
+        self.max_eval_seconds = f("MAX_EVAL_SECONDS", 600.0, lo=0)  # warn when the final eval is projected past it
+        self.ttt = s("TTT", "off", choices=("off", "sgd", "lora"))
+        self.ttt_chunk_tokens = i("TTT_CHUNK_TOKENS", 32768, lo=1)  # sgd: score this many, then train on them
+        self.ttt_lr = f("TTT_LR", 0.005, lo=0)  # sgd: peak LR, cosine over chunks
+        self.ttt_epochs = i("TTT_EPOCHS", 3, lo=1)
+        self.ttt_momentum = f("TTT_MOMENTUM", 0.9, lo=0, hi=1)
+        self.ttt_grad_clip = f("TTT_GRAD_CLIP", 1.0, lo=0)
+        self.ttt_batch_seqs = i("TTT_BATCH_SEQS", 16, lo=1)  # sgd: sequences per step (all ranks)
+        self.ttt_lora_rank = i("TTT_LORA_RANK", 8, lo=1)
+        self.ttt_lora_lr = f("TTT_LORA_LR", 0.001, lo=0)  # Adam
+        self.ttt_lora_chunk = i("TTT_LORA_CHUNK", 256, lo=1)  # lora: tokens scored per step within a document
+        self.ttt_lora_docs = i("TTT_LORA_DOCS", 32, lo=1)  # lora: documents per batch per rank
         # Runtime
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
         self.save_checkpoint = b("SAVE_CHECKPOINT", True)  # write logs/<RUN_ID>_model.pt (final float weights)
-        self.eval_seq_len = self.eval_seq_len or self.train_seq_len
-        self.eval_stride = self.eval_stride or self.eval_seq_len
-        self.crawler_quant_bits = self.crawler_quant_bits or self.quant_bits
-        self.check()
+        self.derived = {k for k in ("eval_seq_len", "eval_stride", "crawler_quant_bits") if not getattr(self, k)}
+        self.resolve()
         ours = {n.split("_")[0] for n in r.names}
         self.unknown_env = sorted(k for k in environ if k not in r.names and k.split("_")[0] in ours)
+
+    def resolve(self):
+        """Fills the settings whose default depends on others (0 = derived), then checks the whole."""
+        for k, v in (("eval_seq_len", self.train_seq_len), ("eval_stride", self.eval_seq_len),
+                     ("crawler_quant_bits", self.quant_bits)):
+            if k in self.derived:
+                setattr(self, k, v)
+        self.check()
+
+    def use_model_config(self, config):
+        """The architecture of an artifact replaces the environment's; derived defaults follow it."""
+        for k, v in config.items():
+            setattr(self, k, tuple(v) if isinstance(v, list) else v)
+        self.resolve()
 
     def check(self):
         d, h, kv = self.model_dim, self.num_heads, self.num_kv_heads
@@ -180,6 +205,8 @@ class Hyperparameters:
             path = getattr(self, name)
             if path and not os.path.isfile(path):
                 raise ConfigError(f"{name.upper()}={path}: no such file")
+        if self.ttt == "sgd" and self.ttt_chunk_tokens % self.train_seq_len:
+            raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
         if self.eval_stride > self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         self.xsa_flags()
@@ -199,7 +226,7 @@ class Hyperparameters:
         return [j in chosen for j in range(n)]
 
     def as_dict(self):
-        return {k: v for k, v in vars(self).items() if k != "unknown_env"}
+        return {k: v for k, v in vars(self).items() if k not in ("unknown_env", "derived")}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -352,17 +379,25 @@ def fake_quantize(w, bits):
     return w + ((w / step).round() * step - w).detach()
 
 
+def lora_delta(x, lora):
+    """Per-row low-rank update x A^T B^T with adapters A [rows, r, in], B [rows, out, r] (LoRA TTT)."""
+    A, B = lora
+    return (x.float() @ A.transpose(1, 2)) @ B.transpose(1, 2)
+
+
 class CastedLinear(nn.Linear):
     """Bias-free linear with an fp32 master weight, computed in the input's dtype; with qat_bits set, the
-    forward sees the weight fake-quantized at that width (quantization-aware training)."""
+    forward sees the weight fake-quantized at that width (quantization-aware training), with `lora` set
+    it adds a per-row low-rank update."""
 
     def __init__(self, n_in, n_out, zero_init=False):
         super().__init__(n_in, n_out, bias=False)
-        self.zero_init, self.qat_bits = zero_init, 0
+        self.zero_init, self.qat_bits, self.lora = zero_init, 0, None
 
     def forward(self, x):
         w = fake_quantize(self.weight, self.qat_bits) if self.qat_bits else self.weight
-        return F.linear(x, w.to(x.dtype))
+        y = F.linear(x, w.to(x.dtype))
+        return y if self.lora is None else y + lora_delta(x, self.lora).to(y.dtype)
 
 
 def rotary_tables(rope_dims, seq_len, base, scale):
@@ -490,7 +525,7 @@ class GPT(nn.Module):
                                     [Block(h, h.crawler_mlp_mult, xsa[n_flat + c]) for c in range(n_crawl)])
         self.schedule = build_schedule(n_flat, n_crawl, h.crawler_loops)
         P = len(self.schedule)
-        self.softcap = h.logit_softcap
+        self.softcap, self.head_lora = h.logit_softcap, None
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size else None
         self.smear = SmearGate() if h.smear_gate else None
@@ -544,7 +579,10 @@ class GPT(nn.Module):
                                self.q_gain[p], self.ln[p], self.rope_cos[r], self.rope_sin[r])
             if role == "enc":
                 skips.append(x)
-        logits = F.linear(rms_norm(x), self.tok_emb.weight.to(x.dtype)).float()
+        x = rms_norm(x)
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        if self.head_lora is not None:
+            logits = logits + lora_delta(x, self.head_lora)
         if self.softcap:
             logits = self.softcap * torch.tanh(logits / self.softcap)
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
@@ -936,46 +974,199 @@ def read_artifact(path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# EVALUATION
+# EVALUATION: every val target scored exactly once; optional score-first test-time training
 
 
-def eval_windows(n_targets, seq_len, stride):
-    """(start, first scored offset, length) per window. Every target is scored exactly once: the first
-    window scores all its positions, later ones only their last `stride` (the rest is context)."""
-    wins, ws = [], 0
-    while ws == 0 or ws + seq_len - stride < n_targets:
-        wins.append((ws, 0 if ws == 0 else seq_len - stride, min(seq_len, n_targets - ws)))
-        ws += stride
+def eval_windows(a, b, lo, L, stride):
+    """(start, first scored offset, length) of windows scoring each target position in [a, b) once. Near
+    `lo` (stream, document or context floor) one window from `lo` scores everything it can see; after
+    that each window scores `stride` positions with L - stride or more tokens of context."""
+    wins, p = [], a
+    while p < b:
+        end = min(lo + L, b) if p - lo < L else min(p + stride, b)
+        ws = max(lo, end - L)
+        wins.append((ws, p - ws, end - ws))
+        p = end
     return wins
 
 
-@torch.no_grad()
-def evaluate(model, tokens, luts, h, rank, world, device, autocast):
-    """val_loss (nats/token) and val_bpb over all val targets, sums in float64 across ranks."""
-    L, B = h.eval_seq_len, h.eval_batch_seqs
-    wins = eval_windows(len(tokens) - 1, L, h.eval_stride)
-    mine = wins[rank * len(wins) // world:(rank + 1) * len(wins) // world]
-    luts = [t.to(device) for t in luts]
-    sums = torch.zeros(3, dtype=torch.float64, device=device)  # nll, tokens, bytes
-    model.eval()
-    for i in range(0, len(mine), B):
-        batch = mine[i:i + B]
-        x = np.zeros((B, L + 1), np.int64)
-        mask = np.zeros((B, L), bool)
-        for r, (ws, first, n) in enumerate(batch):
+def window_plan(tokens, L, stride, isolate, chunk=0):
+    """Windows per chunk of target positions (one chunk unless `chunk`); with `isolate` no window reaches
+    back across a BOS into the previous document."""
+    n = len(tokens) - 1
+    starts = np.flatnonzero(tokens[:n] == BOS_ID) if isolate else np.zeros(0, np.int64)
+    bounds = list(range(0, n, chunk or n)) + [n]
+    plan = []
+    for c0, c1 in zip(bounds, bounds[1:]):
+        cuts = [c0] + [int(s) for s in starts[(starts > c0) & (starts < c1)]] + [c1]
+        wins = []
+        for a, b in zip(cuts, cuts[1:]):
+            k = np.searchsorted(starts, a, side="right")
+            wins += eval_windows(a, b, int(starts[k - 1]) if k else 0, L, stride)
+        plan.append((c0, c1, wins))
+    return plan
+
+
+def score_windows(model, tokens, wins, luts, batch, device, autocast):
+    """float64 [nll, tokens, bytes] over the scored positions of `wins`."""
+    sums = torch.zeros(3, dtype=torch.float64, device=device)
+    L = max((n for _, _, n in wins), default=1)
+    for i in range(0, len(wins), batch):
+        x = np.zeros((batch, L + 1), np.int64)
+        mask = np.zeros((batch, L), bool)
+        for r, (ws, first, n) in enumerate(wins[i:i + batch]):
             x[r, :n + 1] = tokens[ws:ws + n + 1]
             mask[r, first:n] = True
         x, mask = torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
-        inp, tgt = x[:, :-1], x[:, 1:]
-        with autocast:
-            nll = model(inp, tgt)
-        nbytes = token_bytes(tgt, inp, luts)
+        with torch.no_grad(), autocast:
+            nll = model(x[:, :-1], x[:, 1:])
+        nbytes = token_bytes(x[:, 1:], x[:, :-1], luts)
         sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (nbytes * mask).sum().double()])
+    return sums
+
+
+def as_metrics(sums):
+    nll, n_tok, n_bytes = sums.tolist()
+    return dict(val_loss=nll / n_tok, val_bpb=nll / math.log(2) / n_bytes, val_tokens=int(n_tok), val_bytes=int(n_bytes))
+
+
+def evaluate(model, tokens, luts, h, rank, world, device, autocast, stride=None):
+    """val_loss (nats/token) and val_bpb over all val targets; windows split across ranks."""
+    wins = window_plan(tokens, h.eval_seq_len, stride or h.eval_seq_len, h.eval_doc_isolation)[0][2]
+    luts = [t.to(device) for t in luts]
+    model.eval()
+    sums = score_windows(model, tokens, wins[rank * len(wins) // world:(rank + 1) * len(wins) // world], luts,
+                         h.eval_batch_seqs, device, autocast)
     model.train()
     if world > 1:
         dist.all_reduce(sums)
-    nll, n_tok, n_bytes = sums.tolist()
-    return dict(val_loss=nll / n_tok, val_bpb=nll / math.log(2) / n_bytes, val_tokens=int(n_tok), val_bytes=int(n_bytes))
+    return as_metrics(sums)
+
+
+def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
+    """Score-first TTT of the whole model: chunk c is scored first (those scores count), then the model
+    takes TTT_EPOCHS SGD passes over chunk c's tokens, which are all already scored, before chunk c+1.
+    Returns (metrics, {first target position: sums} per chunk)."""
+    L, luts = h.train_seq_len, [t.to(device) for t in luts]
+    params = [p for p in model.parameters()]
+    opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
+    plan = window_plan(tokens, h.eval_seq_len, h.eval_stride, h.eval_doc_isolation, h.ttt_chunk_tokens)
+
+    def adapt(seqs, lr):
+        for g in opt.param_groups:
+            g["lr"] = lr
+        for _ in range(h.ttt_epochs):
+            for i in range(0, len(seqs), h.ttt_batch_seqs):
+                rows = seqs[i:i + h.ttt_batch_seqs][rank::world]
+                if len(rows):
+                    with autocast:
+                        loss = runner(rows[:, :-1], rows[:, 1:]).sum() / (min(h.ttt_batch_seqs, len(seqs) - i) * L)
+                    loss.backward()
+                for p in params:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
+                    if world > 1:
+                        dist.all_reduce(p.grad)
+                nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+                opt.step()
+                opt.zero_grad(set_to_none=False)
+
+    if h.compile and h.warmup_steps:  # compile the training graph on random tokens, then undo it
+        saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
+        adapt(torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, L + 1), device=device), 0.0)
+        model.load_state_dict(saved[0])
+        opt.load_state_dict(saved[1])
+    chunk_sums, t0, done = {}, time.perf_counter(), 0
+    for c, (c0, c1, wins) in enumerate(plan):
+        model.eval()
+        sums = score_windows(runner, tokens, wins[rank * len(wins) // world:(rank + 1) * len(wins) // world],
+                             luts, h.eval_batch_seqs, device, autocast)
+        model.train()
+        if world > 1:
+            dist.all_reduce(sums)
+        chunk_sums[c0] = sums
+        if c + 1 < len(plan):  # the last chunk has nothing left to help
+            span = torch.from_numpy(tokens[c0:c1 + 1].astype(np.int64)).to(device)
+            seqs = span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L)
+            adapt(seqs, h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(plan) - 1, 1))))
+        done += c1 - c0
+        if c + 1 == max(1, len(plan) // 20):
+            project_eval_time(log, time.perf_counter() - t0, done, plan[-1][1], h)
+    return as_metrics(sum(chunk_sums.values())), chunk_sums
+
+
+def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
+    """Score-first per-document LoRA TTT: every document gets fresh rank-TTT_LORA_RANK adapters on the
+    attention projections and the head; its chunks of TTT_LORA_CHUNK tokens are scored in order, each
+    with the adapters trained on the document's earlier chunks only. Documents run batched, one adapter
+    set per batch row, the base weights frozen. Returns (metrics, {first target position: sums} per
+    document chunk)."""
+    n, L, C, r = len(tokens) - 1, h.eval_seq_len, h.ttt_lora_chunk, h.ttt_lora_rank
+    starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
+    docs = [(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a]
+    docs = sorted(docs, key=lambda d: d[1] - d[0])[rank::world]  # similar lengths batch well
+    luts = [t.to(device) for t in luts]
+    lin = [m for name, m in model.named_modules() if isinstance(m, CastedLinear) and ".attn." in name]
+    gen = torch.Generator().manual_seed(h.seed)  # every document starts from the same adapters
+    inits = [torch.randn(r, n_in, generator=gen).to(device) / math.sqrt(n_in)
+             for n_in in [m.in_features for m in lin] + [h.model_dim]]
+    for p in model.parameters():
+        p.requires_grad_(False)
+    parts, t0 = {}, time.perf_counter()
+    try:
+        for i in range(0, len(docs), h.ttt_lora_docs):
+            batch = docs[i:i + h.ttt_lora_docs]
+            adapters = []
+            for m, A0 in zip(lin + [None], inits):
+                n_out = h.vocab_size if m is None else m.out_features
+                A = A0.expand(len(batch), -1, -1).clone().requires_grad_()
+                B = torch.zeros(len(batch), n_out, r, device=device, requires_grad=True)
+                adapters.append((A, B))
+                if m is None:
+                    model.head_lora = (A, B)
+                else:
+                    m.lora = (A, B)
+            opt = torch.optim.Adam([t for ab in adapters for t in ab], lr=h.ttt_lora_lr)
+            longest = max(b - a for a, b in batch)
+            for k in range(0, longest, C):
+                ends = [min(a + k + C, b) for a, b in batch]
+                wstart = [max(a, e - L) for (a, _), e in zip(batch, ends)]
+                W = max(e - s for s, e in zip(wstart, ends))
+                x = np.zeros((len(batch), W + 1), np.int64)
+                mask = np.zeros((len(batch), W), bool)
+                for row, ((a, b), s, e) in enumerate(zip(batch, wstart, ends)):
+                    x[row, :e - s + 1] = tokens[s:e + 1]
+                    mask[row, min(a + k, e) - s:e - s] = True
+                x, mask = torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+                with autocast:
+                    nll = model(x[:, :-1], x[:, 1:])
+                nbytes = token_bytes(x[:, 1:], x[:, :-1], luts)
+                rows = torch.stack([(nll.detach().double() * mask).sum(1), mask.sum(1).double(),
+                                    (nbytes * mask).sum(1).double()], 1)  # scored before the update below
+                parts.update({a + k: row for (a, b), row in zip(batch, rows) if a + k < b})
+                if k + C < longest:
+                    opt.zero_grad()
+                    ((nll * mask).sum() / C).backward()
+                    opt.step()
+            if i == 0:
+                project_eval_time(log, time.perf_counter() - t0, sum(b - a for a, b in batch) * world, n, h)
+    finally:
+        model.head_lora = None
+        for m in lin:
+            m.lora = None
+        for p in model.parameters():
+            p.requires_grad_(True)
+    sums = sum(parts.values(), torch.zeros(3, dtype=torch.float64, device=device))
+    if world > 1:
+        dist.all_reduce(sums)
+    return as_metrics(sums), parts
+
+
+def project_eval_time(log, secs, done, total, h):
+    """Logs the time the whole TTT eval will take at the current rate, warning past MAX_EVAL_SECONDS."""
+    proj = secs * total / max(done, 1)
+    log(f"ttt: {done:,} of {total:,} tokens in {secs:.1f}s, projected {proj:.0f}s for this eval"
+        + (f" - over MAX_EVAL_SECONDS={h.max_eval_seconds:.0f}" if proj > h.max_eval_seconds else ""))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1146,8 +1337,7 @@ def main():
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
     if h.eval_only:  # the architecture comes from the artifact, everything else from the environment
         qstate, config = read_artifact(h.eval_only)
-        for k, v in config.items():
-            setattr(h, k, tuple(v) if isinstance(v, list) else v)
+        h.use_model_config(config)
     luts = load_tokenizer_luts(h.tokenizer_path, h.vocab_size)
     val_tokens = load_val_tokens(h.data_path)
     log(f"val: {len(val_tokens):,} tokens from {h.data_path}")
@@ -1159,20 +1349,34 @@ def main():
     result = dict(model_params=n_params, world_size=world, seed=h.seed, attention=ATTENTION_BACKEND,
                   code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code), quant_method=h.quant_method)
 
-    def run_eval(label, key=None):
+    def run_eval(label, key=None, how=None):
         t = time.perf_counter()
-        res = evaluate(compiled, val_tokens, luts, h, rank, world, device, autocast)
+        res = how() if how else evaluate(compiled, val_tokens, luts, h, rank, world, device, autocast)
         secs = time.perf_counter() - t
         log(f"{label}: val_loss {res['val_loss']:.5f} val_bpb {res['val_bpb']:.5f} ({secs:.1f}s)")
         if key:
             result.update({f"{key}_val_loss": res["val_loss"], f"{key}_val_bpb": res["val_bpb"], f"{key}_eval_s": secs})
         return res
 
+    def score_artifact(label):
+        """Non-overlapping eval of the artifact's weights, then the sliding eval and TTT when enabled;
+        the last one is the run's score."""
+        final = run_eval(label, "roundtrip")
+        if h.eval_stride < h.eval_seq_len:
+            final = run_eval(f"sliding window, stride {h.eval_stride}", "sliding", lambda: evaluate(
+                compiled, val_tokens, luts, h, rank, world, device, autocast, h.eval_stride))
+        if h.ttt == "sgd":
+            final = run_eval("score-first TTT (sgd)", "ttt", lambda: ttt_sgd(
+                model, compiled, val_tokens, luts, h, rank, world, device, autocast, log)[0])
+        elif h.ttt == "lora":
+            final = run_eval("score-first TTT (lora)", "ttt", lambda: ttt_lora(
+                model, val_tokens, luts, h, rank, world, device, autocast, log)[0])
+        return finish(h, log, world, result, final, device)
+
     if h.eval_only:
         model.load_state_dict(dequantize(qstate))
         result.update(model_bytes=os.path.getsize(h.eval_only))
-        final = run_eval(f"artifact {h.eval_only}", "roundtrip")
-        return finish(h, log, world, result, final, device)
+        return score_artifact(f"artifact {h.eval_only}")
 
     if h.export_from:
         model.load_state_dict(torch.load(h.export_from, map_location=device))
@@ -1221,8 +1425,7 @@ def main():
     model.load_state_dict(final_float)
     run_eval("prequant" + (" (EMA)" if ema is not None else ""), "prequant")
     model.load_state_dict(dequantize(read_artifact(artifact)[0]))
-    final = run_eval("roundtrip (from the artifact file)", "roundtrip")
-    return finish(h, log, world, result, final, device)
+    return score_artifact("roundtrip (from the artifact file)")
 
 
 def finish(h, log, world, result, final, device):

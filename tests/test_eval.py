@@ -1,6 +1,7 @@
 """Exact evaluation: the byte count equals the decoded text's UTF-8 length, windows score every target
 exactly once, and stride = seq_len equals a plain non-overlapping evaluation."""
 import contextlib
+import copy
 import subprocess
 import sys
 from pathlib import Path
@@ -93,34 +94,110 @@ def test_no_space_byte_after_bos_with_dummy_prefix(corpus, tmp_path):
     assert int(T.token_bytes(y, x, T.byte_luts(sp, 400)).sum()) == decoded_bytes(sp, tokens)
 
 
+def scored_positions(plan):
+    for c0, c1, wins in plan:
+        for ws, first, n in wins:
+            yield c0, c1, ws, range(ws + first, ws + n)
+
+
 def test_windows_score_every_target_once():
     for n, L, stride in [(1000, 128, 128), (1000, 128, 64), (1000, 128, 1), (129, 128, 64), (50, 128, 16)]:
         hits = np.zeros(n, int)
-        for ws, first, length in T.eval_windows(n, L, stride):
+        for ws, first, length in T.eval_windows(0, n, 0, L, stride):
             assert length <= L and ws + length <= n
-            assert first == 0 or first == L - stride  # later windows keep L - stride tokens of context
+            assert ws == 0 or first >= L - stride  # later windows keep L - stride or more tokens of context
             hits[ws + first:ws + length] += 1
         assert (hits == 1).all(), (n, L, stride)
 
 
+def test_window_plan_isolation_and_chunks():
+    rng = np.random.default_rng(0)
+    tokens = rng.integers(4, 50, 3000)
+    starts = [0, 40, 41, 300, 1200, 1300, 2999]
+    tokens[starts] = T.BOS_ID
+    for isolate in (False, True):
+        for chunk in (0, 256, 1000):
+            plan = T.window_plan(tokens, 128, 32, isolate, chunk)
+            hits = np.zeros(len(tokens) - 1, int)
+            for c0, c1, ws, scored in scored_positions(plan):
+                hits[scored] += 1
+                assert c0 <= scored.start and scored.stop <= c1  # a chunk scores only its own targets
+                doc = max(s for s in starts if s <= scored.start)
+                assert not isolate or ws >= doc  # no context from the previous document
+                assert scored.stop - 1 - ws < 128
+                if not isolate and scored.start >= 128:
+                    assert scored.start - ws >= 128 - 32  # full context away from the stream start
+            assert (hits == 1).all(), (isolate, chunk)
+            if chunk:
+                assert [c0 for c0, _, _ in plan] == list(range(0, len(tokens) - 1, chunk))
+
+
 def test_stride_equal_seq_len_is_plain_eval(trained):
     model, tokens, luts = trained
-    res = run_eval(trained, EVAL_STRIDE=128)
-    # plain eval computed directly: consecutive 128-token windows, the tail as a shorter window
+    tokens = tokens[:128 * 40 + 1]
+    res = T.evaluate(model, tokens, luts, hparams(), 0, 1, CPU, contextlib.nullcontext(), stride=128)
     t = torch.from_numpy(tokens.astype(np.int64))
-    nll = []
-    with torch.no_grad():
-        for s in range(0, len(t) - 1, 128):
-            x, y = t[s:s + 128][None], t[s + 1:s + 129][None]
-            nll.append(model(x[:, :y.size(1)], y).double().flatten())
-    nll = torch.cat(nll)
-    assert res["val_tokens"] == len(nll) == len(t) - 1
+    with torch.no_grad():  # plain eval computed directly: consecutive non-overlapping 128-token windows
+        nll = model(t[:-1].view(40, 128), t[1:].view(40, 128)).double()
+    assert res["val_tokens"] == nll.numel() == len(t) - 1
     assert res["val_loss"] == pytest.approx(nll.mean().item(), rel=1e-6)
 
 
 def test_sliding_scores_each_token_once_and_helps(trained):
     plain = run_eval(trained, EVAL_STRIDE=128)
-    sliding = run_eval(trained, EVAL_STRIDE=32)
+    sliding = T.evaluate(trained[0], trained[1], trained[2], hparams(), 0, 1, CPU, contextlib.nullcontext(), stride=32)
     assert sliding["val_tokens"] == plain["val_tokens"] and sliding["val_bytes"] == plain["val_bytes"]
     assert sliding["val_loss"] < plain["val_loss"]  # more left context per token
     assert sliding["val_bpb"] < plain["val_bpb"]
+    isolated = T.evaluate(trained[0], trained[1], trained[2], hparams(EVAL_DOC_ISOLATION=1), 0, 1, CPU,
+                          contextlib.nullcontext(), stride=32)
+    assert isolated["val_tokens"] == plain["val_tokens"] and isolated["val_loss"] != sliding["val_loss"]
+
+
+def ttt(trained, tokens, mode, **extra):
+    """Runs a TTT mode on a copy of the trained model; returns (metrics, per-chunk sums)."""
+    model = copy.deepcopy(trained[0])
+    settings = dict(TTT=mode, EVAL_STRIDE=64, TTT_CHUNK_TOKENS=256, TTT_LORA_CHUNK=64, TTT_LR=0.05, TTT_LORA_LR=0.01)
+    h = hparams(**{**settings, **extra})
+    log = lambda msg: None
+    if mode == "sgd":
+        return T.ttt_sgd(model, model, tokens, trained[2], h, 0, 1, CPU, contextlib.nullcontext(), log)
+    return T.ttt_lora(model, tokens, trained[2], h, 0, 1, CPU, contextlib.nullcontext(), log)
+
+
+@pytest.mark.parametrize("mode", ["sgd", "lora"])
+def test_ttt_never_looks_ahead(trained, mode):
+    tokens = np.where(trained[1][:2000] == T.BOS_ID, 5, trained[1][:2000])
+    tokens[[0, 700]] = T.BOS_ID  # two documents for the per-document mode
+    cut = 1300
+    changed = tokens.copy()
+    changed[cut + 1:] = np.random.default_rng(1).integers(4, 500, len(tokens) - cut - 1)
+    (m1, parts1), (m2, parts2) = ttt(trained, tokens, mode), ttt(trained, changed, mode)
+    early = [k for k in parts1 if k < cut - 256]
+    assert len(early) >= 3 and sorted(parts1) == sorted(parts2)
+    for k in early:
+        assert torch.equal(parts1[k], parts2[k]), k  # bitwise: nothing later reached these scores
+    assert m1["val_loss"] != m2["val_loss"]
+    assert m1["val_tokens"] == len(tokens) - 1
+    # score before update: the first chunk (of the stream, or of each document) is scored by the
+    # untouched model
+    model, luts = trained[0], trained[2]
+    firsts = {0: T.window_plan(tokens, 128, 64, False, 256)[0][2]} if mode == "sgd" else {
+        a: [(a, 0, 64)] for a in (0, 700)}
+    for a, wins in firsts.items():
+        base = T.score_windows(model, tokens, wins, luts, 16, CPU, contextlib.nullcontext())
+        assert torch.allclose(parts1[a], base, rtol=1e-6), (a, parts1[a], base)
+
+
+@pytest.mark.parametrize("mode", ["sgd", "lora"])
+def test_ttt_learns_a_repeat(trained, mode):
+    """A passage longer than the context window, then the same passage again: only test-time training
+    can carry it over, so TTT must lower the repeat's loss below the plain sliding eval's."""
+    passage = np.where(trained[1][1:641] == T.BOS_ID, 5, trained[1][1:641])  # one document
+    tokens = np.concatenate([[T.BOS_ID], passage, passage]).astype(trained[1].dtype)
+    _, parts = ttt(trained, tokens, mode, TTT_EPOCHS=2, TTT_CHUNK_TOKENS=128)
+    second = sum(v for k, v in parts.items() if k >= 640)  # targets of the second copy
+    wins = [w for c0, c1, wins in T.window_plan(tokens, 128, 64, False, 128) if c0 >= 640 for w in wins]
+    base = T.score_windows(trained[0], tokens, wins, trained[2], 16, CPU, contextlib.nullcontext())
+    assert second[1] == base[1] == 640  # the same positions
+    assert second[0] < 0.95 * base[0], (second[0].item(), base[0].item())

@@ -2,6 +2,7 @@
 loss curve as one process for the same global batch."""
 import re
 
+import pytest
 import torch
 
 from conftest import run_train, tiny_env
@@ -28,7 +29,8 @@ def test_tiny_crawler_learns(corpus, tmp_path, ln_vocab):
 
 
 def test_two_ranks_match_one_process(corpus, tmp_path):
-    common = dict(ITERATIONS=6, TRAIN_LOG_EVERY=1, WARMUP_STEPS=0, EMA_DECAY=0)
+    common = dict(ITERATIONS=6, TRAIN_LOG_EVERY=1, WARMUP_STEPS=0, EMA_DECAY=0, EVAL_STRIDE=64, TTT="sgd",
+                  TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, TTT_BATCH_SEQS=32, QUANT_METHOD="rtn")
     one, log1 = run_train(tiny_env(corpus, RUN_ID="one", **common), tmp_path)  # 1 rank x 2 micro-batches
     two, log2 = run_train(tiny_env(corpus, RUN_ID="two", **common), tmp_path, nproc=2)  # 2 ranks x 1
     assert "step = 1 ranks x 2 x" in log1 and "step = 2 ranks x 1 x" in log2
@@ -37,6 +39,9 @@ def test_two_ranks_match_one_process(corpus, tmp_path):
     for s in l1:
         assert abs(l1[s] - l2[s]) <= 2e-4, (s, l1[s], l2[s])  # logged with 4 decimals
     assert l1[6] < l1[1] - 0.3
-    assert abs(one["val_loss"] - two["val_loss"]) < 1e-4
+    assert abs(one["roundtrip_val_loss"] - two["roundtrip_val_loss"]) < 1e-4
+    assert one["sliding_val_loss"] == pytest.approx(two["sliding_val_loss"], rel=1e-6)  # windows split by rank
+    assert one["ttt_val_loss"] == pytest.approx(two["ttt_val_loss"], rel=1e-4)  # TTT grads all-reduced
+    assert one["val_loss"] == one["ttt_val_loss"] < one["sliding_val_loss"]
     assert one["val_tokens"] == two["val_tokens"] and one["val_bytes"] == two["val_bytes"]
     assert two["world_size"] == 2
