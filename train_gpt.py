@@ -168,6 +168,8 @@ class Hyperparameters:
         self.ttt_lora_chunk = i("TTT_LORA_CHUNK", 256, lo=1)  # lora: tokens scored per step within a document
         self.ttt_lora_docs = i("TTT_LORA_DOCS", 32, lo=1)  # lora: documents per batch per rank
         # Runtime
+        self.stream_dtype = s("STREAM_DTYPE", "bf16", choices=("bf16", "fp32"))  # residual stream on CUDA
+        self.sdpa_backend = s("SDPA_BACKEND", "auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
         self.save_checkpoint = b("SAVE_CHECKPOINT", True)  # write logs/<RUN_ID>_model.pt (final float weights)
@@ -358,6 +360,14 @@ def load_flash_attention():
 FLASH_ATTN, ATTENTION_BACKEND = load_flash_attention()
 
 
+def select_sdpa_backend(name):
+    """Restricts PyTorch SDPA to one backend (auto = PyTorch's choice); an unsupported shape then fails
+    loudly instead of silently falling back."""
+    if name != "auto" and torch.cuda.is_available():
+        for backend in ("flash", "cudnn", "mem_efficient", "math"):
+            getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
+
+
 def attend(q, k, v):
     """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads)."""
     if FLASH_ATTN is not None:
@@ -369,7 +379,8 @@ def attend(q, k, v):
 
 
 def rms_norm(x):
-    return F.rms_norm(x, (x.size(-1),))
+    """RMS norm computed in fp32, returned in the input's dtype (so a bf16 stream stays bf16)."""
+    return F.rms_norm(x.float(), (x.size(-1),)).to(x.dtype)
 
 
 def fake_quantize(w, bits):
@@ -470,6 +481,7 @@ class Block(nn.Module):
         self.mlp = MLP(h.model_dim, mlp_mult, slope)
 
     def forward(self, x, x0, mix, attn_scale, mlp_scale, q_gain, ln, cos, sin):
+        mix, attn_scale, mlp_scale, ln = (t.to(x.dtype) for t in (mix, attn_scale, mlp_scale, ln))
         x = mix[0] * x + mix[1] * x0
         x = x + attn_scale * self.attn(rms_norm(x) * ln, cos, sin, q_gain)
         return x + mlp_scale * self.mlp(rms_norm(x) * ln)
@@ -526,6 +538,7 @@ class GPT(nn.Module):
         self.schedule = build_schedule(n_flat, n_crawl, h.crawler_loops)
         P = len(self.schedule)
         self.softcap, self.head_lora = h.logit_softcap, None
+        self.stream_dtype = torch.bfloat16 if h.stream_dtype == "bf16" else torch.float32
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size else None
         self.smear = SmearGate() if h.smear_gate else None
@@ -568,14 +581,16 @@ class GPT(nn.Module):
         x = rms_norm(x)
         if self.smear is not None:
             x = self.smear(x, idx)
+        if idx.is_cuda:  # the residual stream's dtype (CPU runs stay fp32)
+            x = x.to(self.stream_dtype)
         x0, skips, n_dec = x, [], 0
         for p, (j, role, _) in enumerate(self.schedule):
             if role == "dec":
                 if skips:
-                    x = x + self.skip_weights[n_dec] * skips.pop()
+                    x = x + self.skip_weights[n_dec].to(x.dtype) * skips.pop()
                 n_dec += 1
             r = self.rope_index[p]
-            x = self.blocks[j](x + self.app_emb[p], x0, self.resid_mix[p], self.attn_scale[p], self.mlp_scale[p],
+            x = self.blocks[j](x + self.app_emb[p].to(x.dtype), x0, self.resid_mix[p], self.attn_scale[p], self.mlp_scale[p],
                                self.q_gain[p], self.ln[p], self.rope_cos[r], self.rope_sin[r])
             if role == "enc":
                 skips.append(x)
@@ -1274,7 +1289,9 @@ def train(h, model, compiled, rank, world, device, autocast, log, run_eval):
     t = time.perf_counter()
     trainer.warmup(h.warmup_steps, micro_seqs, h.train_seq_len, h.vocab_size, device)
     ema = trainer.ema = EMA(model, h.ema_decay) if h.ema_decay else None
-    log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t:.1f}s, state restored")
+    graphs = compile_stats()
+    log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t:.1f}s, state restored | "
+        f"{graphs[0]} graphs, {graphs[1]} graph breaks")
 
     reserve = h.gptq_reserve_seconds if h.quant_method != "rtn" else 0.0
     budget_ms = 1000 * max(h.max_wallclock_seconds - reserve, 0.0) if h.max_wallclock_seconds else 0.0
@@ -1308,7 +1325,16 @@ def train(h, model, compiled, rank, world, device, autocast, log, run_eval):
         torch.cuda.synchronize()
     train_ms += 1000 * (time.perf_counter() - t0)
     log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)")
+    new = [b - a for a, b in zip(graphs, compile_stats())]
+    if any(new):
+        log(f"warning: {new[0]} graphs compiled and {new[1]} graph breaks during training (recompiles cost time)")
     return step, train_ms, ema, loader
+
+
+def compile_stats():
+    """(graphs compiled, graph breaks) so far, from dynamo's counters."""
+    counters = torch._dynamo.utils.counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 def calibration_batches(h, loader, world):
@@ -1334,6 +1360,7 @@ def main():
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # Newton-Schulz compiles once per matrix shape
+    select_sdpa_backend(h.sdpa_backend)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
     if h.eval_only:  # the architecture comes from the artifact, everything else from the environment
         qstate, config = read_artifact(h.eval_only)
