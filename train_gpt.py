@@ -790,7 +790,8 @@ def collect_hessians(model, names, batches, autocast, world):
     def hook(name):
         def fn(_, inputs):
             x = inputs[0].detach().flatten(0, -2).float()
-            H[name] = x.T @ x if H[name] is None else H[name].addmm_(x.T, x)
+            with torch.autocast(x.device.type, enabled=False):  # fp32 sums, whatever the forward runs in
+                H[name] = x.T @ x if H[name] is None else H[name].addmm_(x.T, x)
             seen[name] = seen.get(name, 0) + 1
             if all(seen.get(n, 0) == expected[n] for n in names):
                 raise StopForward

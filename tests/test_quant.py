@@ -102,6 +102,17 @@ def test_loop_aware_gptq_no_worse_than_plain_gptq(trained):
     assert base < losses["loop_gptq"] <= losses["gptq"] < losses["rtn"], (base, losses)
 
 
+def test_hessians_are_fp32_under_bf16_autocast(trained):
+    """The GPU path calibrates under bf16 autocast; the Hessian sums must stay fp32 (a bf16 addmm once
+    crashed there)."""
+    model, _, _, calib = trained
+    H = T.collect_hessians(model, ["blocks.2.mlp.fc", "bigram.proj"], calib[:2],
+                           torch.autocast("cpu", dtype=torch.bfloat16), 1)
+    assert H["blocks.2.mlp.fc"].dtype == torch.float32 and H["bigram.proj"].shape == (16, 16)
+    x = torch.randn(5, 16)
+    assert torch.allclose(H["bigram.proj"], H["bigram.proj"].T) and (x @ H["bigram.proj"] * x).sum() > 0
+
+
 def test_artifact_roundtrip_is_bit_exact(trained, tmp_path):
     model, tokens, luts, _ = trained
     loss, qstate = quantized_loss(trained, QUANT_METHOD="gptq", CRAWLER_QUANT_BITS=8)
