@@ -1103,11 +1103,9 @@ def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
         chunk_sums[c0] = sums
         if c + 1 < len(plan):  # the last chunk has nothing left to help
             span = torch.from_numpy(tokens[c0:c1 + 1].astype(np.int64)).to(device)
-            seqs = span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L)
+            seqs = span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L).contiguous()  # as compiled: contiguous
             adapt(seqs, h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(plan) - 1, 1))))
-        done += c1 - c0
-        if c + 1 == max(1, len(plan) // 20):
-            project_eval_time(log, time.perf_counter() - t0, done, plan[-1][1], h)
+        done = project_eval_time(log, t0, done, c1 - c0, plan[-1][1], h)
     return as_metrics(sum(chunk_sums.values())), chunk_sums
 
 
@@ -1128,7 +1126,7 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
              for n_in in [m.in_features for m in lin] + [h.model_dim]]
     for p in model.parameters():
         p.requires_grad_(False)
-    parts, t0 = {}, time.perf_counter()
+    parts, t0, done = {}, time.perf_counter(), 0
     try:
         for i in range(0, len(docs), h.ttt_lora_docs):
             batch = docs[i:i + h.ttt_lora_docs]
@@ -1164,8 +1162,7 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
                     opt.zero_grad()
                     ((nll * mask).sum() / C).backward()
                     opt.step()
-            if i == 0:
-                project_eval_time(log, time.perf_counter() - t0, sum(b - a for a, b in batch) * world, n, h)
+            done = project_eval_time(log, t0, done, sum(b - a for a, b in batch) * world, n, h)
     finally:
         model.head_lora = None
         for m in lin:
@@ -1178,11 +1175,15 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
     return as_metrics(sums), parts
 
 
-def project_eval_time(log, secs, done, total, h):
-    """Logs the time the whole TTT eval will take at the current rate, warning past MAX_EVAL_SECONDS."""
-    proj = secs * total / max(done, 1)
-    log(f"ttt: {done:,} of {total:,} tokens in {secs:.1f}s, projected {proj:.0f}s for this eval"
-        + (f" - over MAX_EVAL_SECONDS={h.max_eval_seconds:.0f}" if proj > h.max_eval_seconds else ""))
+def project_eval_time(log, t0, done, new, total, h):
+    """Adds `new` scored tokens; once 10% are done, logs the time the whole TTT eval will take at the
+    rate so far, warning past MAX_EVAL_SECONDS. Returns the new count."""
+    if done < total / 10 <= done + new:
+        secs = time.perf_counter() - t0
+        proj = secs * total / (done + new)
+        log(f"ttt: {done + new:,} of {total:,} tokens in {secs:.1f}s, projected {proj:.0f}s for this eval"
+            + (f" - over MAX_EVAL_SECONDS={h.max_eval_seconds:.0f}" if proj > h.max_eval_seconds else ""))
+    return done + new
 
 
 # ----------------------------------------------------------------------------------------------------
