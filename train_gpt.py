@@ -15,6 +15,7 @@ import datetime
 import glob
 import hashlib
 import importlib
+import itertools
 import json
 import math
 import os
@@ -840,35 +841,28 @@ def quantize_model(model, h, batches, autocast, world):
     def quantize(names, H):
         for n in names:
             bits, W = bits_of(n), floats[n]
-            step = row_scales(W, bits, h.gptq_sdclip_k)
+            step = row_scales(W, bits, h.gptq_sdclip_k).half().float()  # the step the artifact will hold
             q = quantize_gptq(W, H[n], step, bits, h.gptq_damp) if H else quantize_rtn(W, step, bits)
             out[n + ".weight"] = (q.to(torch.int8).cpu(), step.half().cpu(), bits)
             with torch.no_grad():
-                mods[n].weight.copy_(q * step.half().float())
+                mods[n].weight.copy_(q * step)
 
-    groups = input_groups(model)
     if h.quant_method == "rtn":
         quantize(list(floats), None)
     elif h.quant_method == "gptq":  # one Hessian pass on the float model
         quantize(list(floats), collect_hessians(model, list(floats), batches, autocast, world))
-    else:  # sequential: each group's inputs come from the already quantized layers before it
-        i = 0
-        while i < len(groups):
-            n = 1
-            while groups[i][1] and i + n < len(groups) and groups[i + n][1]:
-                n += 1  # the crawler blocks form one segment
-            for _ in range(1 + (h.gptq_loop_iters if groups[i][1] else 0)):  # crawler: again, now that its
-                for names, _ in groups[i:i + n]:                              # quantized loops feed it
+    else:  # sequential: each group's inputs come from the already quantized layers before it; the
+        for is_crawler, segment in itertools.groupby(input_groups(model), key=lambda g: g[1]):  # crawler
+            segment = [names for names, _ in segment]                          # again once its quantized
+            for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)):     # loops produce its inputs
+                for names in segment:
                     quantize(names, collect_hessians(model, names, batches, autocast, world))
-            i += n
     for name, p in model.named_parameters():
-        if name in out:
-            continue
-        if isinstance(mods.get(name.rsplit(".", 1)[0]), nn.Embedding):
-            step = row_scales(p.detach(), h.embed_quant_bits)
-            out[name] = (quantize_rtn(p.detach(), step, h.embed_quant_bits).to(torch.int8).cpu(), step.half().cpu(),
-                         h.embed_quant_bits)
-        else:
+        if name not in out and isinstance(mods.get(name.rsplit(".", 1)[0]), nn.Embedding):
+            step = row_scales(p.detach(), h.embed_quant_bits).half().float()
+            q = quantize_rtn(p.detach(), step, h.embed_quant_bits)
+            out[name] = (q.to(torch.int8).cpu(), step.half().cpu(), h.embed_quant_bits)
+        elif name not in out:
             out[name] = p.detach().half().cpu()
     return out
 

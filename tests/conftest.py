@@ -1,6 +1,7 @@
 """Shared fixtures: a tiny offline corpus (stdlib docstrings plus non-ASCII documents), a SentencePiece
 model trained on it with the challenge's settings, shards written by data/build_shards.py, and helpers
 that run train_gpt.py with a tiny crawler config on the CPU."""
+import contextlib
 import json
 import math
 import os
@@ -9,9 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+import train_gpt as T  # noqa: E402
+
 VOCAB = 512
 NON_ASCII = ["Un café naïve − 5 € à l'été, déjà vu.", "Größe: 3 µm ≤ 5 µm; 東京 and 日本語 text 🙂 ok.",
              "Em dash — and en dash – and “quotes” plus ½ and ℃."]
@@ -65,3 +69,21 @@ def run_train(env, cwd, nproc=1, timeout=600, expect_rc=0):
 @pytest.fixture(scope="session")
 def ln_vocab():
     return math.log(VOCAB)
+
+
+def tiny_hparams(**extra):
+    return T.Hyperparameters(dict(TINY, **{k: str(v) for k, v in extra.items()}))
+
+
+def train_tiny(data, steps, schedule=False, **extra):
+    """A tiny model trained in-process for `steps` steps on the corpus shards (constant LR, or the run's
+    warmup/warmdown schedule); returns (model, loader)."""
+    h = tiny_hparams(DATA_PATH=data, **extra)
+    torch.manual_seed(0)
+    model = T.GPT(h)
+    trainer = T.Trainer(model, model, T.build_optimizers(model, h, 0, 1, T.newton_schulz), h, 1,
+                        contextlib.nullcontext())
+    loader = T.TrainLoader(T.shard_paths(data, "train"), h.train_seq_len, 0, 0, 1)
+    for s in range(steps):
+        trainer.step(loader.next_step(32, 1), T.lr_multiplier(s, s / steps, h) if schedule else 1.0, s)
+    return model, loader

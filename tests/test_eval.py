@@ -12,7 +12,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as T
-from conftest import REPO, TINY
+from conftest import REPO, tiny_hparams as hparams, train_tiny
 
 OFFICIAL_SP = REPO.parent / "shared/data/tokenizers/fineweb_1024_bpe.model"
 CPU = torch.device("cpu")
@@ -26,24 +26,12 @@ def decoded_bytes(sp, tokens):
     return sum(len(sp.decode(d[1:].tolist()).encode("utf-8")) for d in docs)
 
 
-def hparams(**extra):
-    return T.Hyperparameters(dict(TINY, **{k: str(v) for k, v in extra.items()}))
-
-
 @pytest.fixture(scope="module")
 def trained(corpus):
     """A tiny model trained for 40 steps on the corpus, with its val tokens and byte tables."""
     data, tok, _ = corpus
-    h = hparams(DATA_PATH=data)
-    torch.manual_seed(0)
-    model = T.GPT(h)
-    opts = T.build_optimizers(model, h, 0, 1, T.newton_schulz)
-    trainer = T.Trainer(model, model, opts, h, 1, contextlib.nullcontext())
-    loader = T.TrainLoader(T.shard_paths(data, "train"), h.train_seq_len, 0, 0, 1)
-    for s in range(40):
-        trainer.step(loader.next_step(32, 1), 1.0, s)
-    luts = T.load_tokenizer_luts(str(tok), h.vocab_size)
-    return model, T.load_val_tokens(data)[:6000], luts
+    model, _ = train_tiny(data, 40)
+    return model, T.load_val_tokens(data)[:6000], T.load_tokenizer_luts(str(tok), 512)
 
 
 def run_eval(trained, **extra):

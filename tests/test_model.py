@@ -6,12 +6,7 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import TINY
-
-
-def hparams(**extra):
-    env = dict(TINY, **{k: str(v) for k, v in extra.items()})
-    return T.Hyperparameters(env)
+from conftest import tiny_hparams as hparams
 
 
 def tiny_model(**extra):
