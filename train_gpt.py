@@ -1040,25 +1040,28 @@ def as_metrics(sums):
     return dict(val_loss=nll / n_tok, val_bpb=nll / math.log(2) / n_bytes, val_tokens=int(n_tok), val_bytes=int(n_bytes))
 
 
-def evaluate(model, tokens, luts, h, rank, world, device, autocast, stride=None):
-    """val_loss (nats/token) and val_bpb over all val targets; windows split across ranks."""
-    wins = window_plan(tokens, h.eval_seq_len, stride or h.eval_seq_len, h.eval_doc_isolation)[0][2]
-    luts = [t.to(device) for t in luts]
+def score_across_ranks(model, tokens, wins, luts, h, rank, world, device, autocast):
+    """Each rank scores its share of `wins` in eval mode; the float64 sums are all-reduced."""
     model.eval()
     sums = score_windows(model, tokens, wins[rank * len(wins) // world:(rank + 1) * len(wins) // world], luts,
                          h.eval_batch_seqs, device, autocast)
     model.train()
     if world > 1:
         dist.all_reduce(sums)
-    return as_metrics(sums)
+    return sums
+
+
+def evaluate(model, tokens, luts, h, rank, world, device, autocast, stride=None):
+    """val_loss (nats/token) and val_bpb over all val targets; `luts` on `device`."""
+    wins = window_plan(tokens, h.eval_seq_len, stride or h.eval_seq_len, h.eval_doc_isolation)[0][2]
+    return as_metrics(score_across_ranks(model, tokens, wins, luts, h, rank, world, device, autocast))
 
 
 def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
     """Score-first TTT of the whole model: chunk c is scored first (those scores count), then the model
     takes TTT_EPOCHS SGD passes over chunk c's tokens, which are all already scored, before chunk c+1.
     Returns (metrics, {first target position: sums} per chunk)."""
-    L, luts = h.train_seq_len, [t.to(device) for t in luts]
-    params = [p for p in model.parameters()]
+    L, params = h.train_seq_len, list(model.parameters())
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     plan = window_plan(tokens, h.eval_seq_len, h.eval_stride, h.eval_doc_isolation, h.ttt_chunk_tokens)
 
@@ -1082,19 +1085,11 @@ def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
                 opt.zero_grad(set_to_none=False)
 
     if h.compile and h.warmup_steps:  # compile the training graph on random tokens, then undo it
-        saved = copy.deepcopy(model.state_dict()), copy.deepcopy(opt.state_dict())
-        adapt(torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, L + 1), device=device), 0.0)
-        model.load_state_dict(saved[0])
-        opt.load_state_dict(saved[1])
+        with rolled_back(model, [opt]):
+            adapt(torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, L + 1), device=device), 0.0)
     chunk_sums, t0, done = {}, time.perf_counter(), 0
     for c, (c0, c1, wins) in enumerate(plan):
-        model.eval()
-        sums = score_windows(runner, tokens, wins[rank * len(wins) // world:(rank + 1) * len(wins) // world],
-                             luts, h.eval_batch_seqs, device, autocast)
-        model.train()
-        if world > 1:
-            dist.all_reduce(sums)
-        chunk_sums[c0] = sums
+        chunk_sums[c0] = score_across_ranks(runner, tokens, wins, luts, h, rank, world, device, autocast)
         if c + 1 < len(plan):  # the last chunk has nothing left to help
             span = torch.from_numpy(tokens[c0:c1 + 1].astype(np.int64)).to(device)
             seqs = span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L).contiguous()  # as compiled: contiguous
@@ -1113,7 +1108,6 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
     starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
     docs = [(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a]
     docs = sorted(docs, key=lambda d: d[1] - d[0])[rank::world]  # similar lengths batch well
-    luts = [t.to(device) for t in luts]
     lin = [m for name, m in model.named_modules() if isinstance(m, CastedLinear) and ".attn." in name]
     gen = torch.Generator().manual_seed(h.seed)  # every document starts from the same adapters
     inits = [torch.randn(r, n_in, generator=gen).to(device) / math.sqrt(n_in)
@@ -1232,14 +1226,21 @@ class Trainer:
         state exactly, so warm-up neither trains the model nor touches data. Call before creating the EMA."""
         if not steps:
             return
-        saved = copy.deepcopy(self.model.state_dict()), [copy.deepcopy(o.state_dict()) for o in self.opts]
         gen = torch.Generator().manual_seed(0)
-        for s in range(steps):
-            toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
-            self.step([(t[:, :-1], t[:, 1:]) for t in toks], 1.0, s)
-        self.model.load_state_dict(saved[0])
-        for opt, state in zip(self.opts, saved[1]):
-            opt.load_state_dict(state)
+        with rolled_back(self.model, self.opts):
+            for s in range(steps):
+                toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
+                self.step([(t[:, :-1], t[:, 1:]) for t in toks], 1.0, s)
+
+
+@contextlib.contextmanager
+def rolled_back(model, opts):
+    """Restores model and optimizer state exactly on exit (compile warm-ups leave no trace)."""
+    saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
+    yield
+    model.load_state_dict(saved[0])
+    for opt, state in zip(opts, saved[1]):
+        opt.load_state_dict(state)
 
 
 def save_atomic(obj, path):
@@ -1361,7 +1362,7 @@ def main():
     if h.eval_only:  # the architecture comes from the artifact, everything else from the environment
         qstate, config = read_artifact(h.eval_only)
         h.use_model_config(config)
-    luts = load_tokenizer_luts(h.tokenizer_path, h.vocab_size)
+    luts = [t.to(device) for t in load_tokenizer_luts(h.tokenizer_path, h.vocab_size)]
     val_tokens = load_val_tokens(h.data_path)
     log(f"val: {len(val_tokens):,} tokens from {h.data_path}")
     model = GPT(h).to(device)
@@ -1408,7 +1409,7 @@ def main():
         log(f"export from {h.export_from} (no training)")
     else:
         steps, train_ms, ema, loader = train(h, model, compiled, rank, world, device, autocast, log, run_eval)
-    live = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    live = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema is not None else None
     if ema is not None:
         ema.copy_to(model)
     final_float = {k: v.detach().clone() for k, v in model.state_dict().items()}

@@ -132,7 +132,8 @@ def bench_one(env, args):
     if args.eval_tokens:
         val = T.load_val_tokens(str(data))[:args.eval_tokens + 1]
         V = h.vocab_size  # one byte per token: only the speed matters here
-        luts = (torch.ones(V, dtype=torch.long), torch.zeros(V, dtype=torch.bool), torch.ones(V, dtype=torch.bool))
+        luts = [t.to(device) for t in (torch.ones(V, dtype=torch.long), torch.zeros(V, dtype=torch.bool),
+                                       torch.ones(V, dtype=torch.bool))]
         short = val[:h.eval_batch_seqs * h.eval_stride + h.eval_seq_len + 1]
         t = time.perf_counter()
         T.evaluate(compiled, short, luts, h, 0, 1, device, autocast, h.eval_stride)  # compiles the eval graph
