@@ -1084,6 +1084,7 @@ def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
                 opt.step()
                 opt.zero_grad(set_to_none=False)
 
+    t_warm = time.perf_counter()
     if h.compile and h.warmup_steps:  # compile the training graph on random tokens, then undo it
         with rolled_back(model, [opt]):
             adapt(torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, L + 1), device=device), 0.0)
@@ -1094,7 +1095,7 @@ def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
             span = torch.from_numpy(tokens[c0:c1 + 1].astype(np.int64)).to(device)
             seqs = span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L).contiguous()  # as compiled: contiguous
             adapt(seqs, h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(plan) - 1, 1))))
-        done = project_eval_time(log, t0, done, c1 - c0, plan[-1][1], h)
+        done = project_eval_time(log, t0, done, c1 - c0, plan[-1][1], h, spent=t0 - t_warm)
     return as_metrics(sum(chunk_sums.values())), chunk_sums
 
 
@@ -1163,12 +1164,15 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
     return as_metrics(sums), parts
 
 
-def project_eval_time(log, t0, done, new, total, h):
+def project_eval_time(log, t0, done, new, total, h, spent=0.0):
     """Adds `new` scored tokens; once 10% are done, logs the time the whole TTT eval will take at the
-    rate so far, warning past MAX_EVAL_SECONDS. Returns the new count."""
+    rate so far (plus `spent` seconds before t0, e.g. compiling), warning past MAX_EVAL_SECONDS.
+    Returns the new count."""
     if done < total / 10 <= done + new:
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()  # the GPU's time, not how far the host has queued ahead
         secs = time.perf_counter() - t0
-        proj = secs * total / (done + new)
+        proj = spent + secs * total / (done + new)
         log(f"ttt: {done + new:,} of {total:,} tokens in {secs:.1f}s, projected {proj:.0f}s for this eval"
             + (f" - over MAX_EVAL_SECONDS={h.max_eval_seconds:.0f}" if proj > h.max_eval_seconds else ""))
     return done + new

@@ -69,11 +69,49 @@ def write_synthetic_shards(folder, vocab, n_train=16_000_000, n_val=2_000_000, s
         (folder / name).write_bytes(header.tobytes() + tokens.tobytes())
 
 
+KERNEL_KINDS = (  # (kind, substrings of CUDA kernel names), first match wins
+    ("attention", ("cudnn", "fmha", "flash", "attention", "sdpa")),
+    ("matmul", ("nvjet", "gemm", "cutlass", "xmma", "sm90_", "splitk", "triton_tem")),
+    ("nccl", ("nccl",)),
+    ("fused (inductor)", ("triton_",)),
+    ("optimizer (eager)", ("multi_tensor", "foreach", "adam")),
+)
+
+
+def kernel_kind(name):
+    low = name.lower()
+    return next((kind for kind, keys in KERNEL_KINDS if any(k in low for k in keys)), "other (eager)")
+
+
+def import_script(path):
+    """train_gpt.py as a module, from the repository or from another copy (to compare implementations)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_gpt", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["train_gpt"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def set_inductor_options(text):
+    """--inductor 'name=value,...': torch._inductor.config knobs to try (values parsed as Python literals)."""
+    import ast
+    import torch._inductor.config as config
+    for kv in filter(None, text.split(",")):
+        name, value = kv.split("=", 1)
+        obj, *path = [config] + name.split(".")[:-1]
+        for part in path:
+            obj = getattr(obj, part)
+        if not hasattr(obj, name.split(".")[-1]):
+            sys.exit(f"bench: torch._inductor.config has no option {name!r}")
+        setattr(obj, name.split(".")[-1], ast.literal_eval(value))
+
+
 def bench_one(env, args):
     """Runs in a fresh process with the configuration already in os.environ."""
     import torch
-    sys.path.insert(0, str(REPO))
-    import train_gpt as T
+    T = import_script(args.script)
+    set_inductor_options(args.inductor)
     h = T.Hyperparameters()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
@@ -88,7 +126,8 @@ def bench_one(env, args):
     loader = T.TrainLoader(T.shard_paths(str(data), "train"), h.train_seq_len, h.seed, 0, 1, device)
     torch.manual_seed(h.seed)
     model = T.GPT(h).to(device)
-    compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
+    mode = dict(mode=args.compile_mode) if args.compile_mode else {}
+    compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph, **mode) if h.compile else model
     zeropower = torch.compile(T.newton_schulz, dynamic=False) if h.compile else T.newton_schulz
     trainer = T.Trainer(model, compiled, T.build_optimizers(model, h, 0, 1, zeropower), h, accum, autocast)
     trainer.ema = T.EMA(model, h.ema_decay) if h.ema_decay else None
@@ -112,7 +151,8 @@ def bench_one(env, args):
     syncs = sum("synchroniz" in str(w.message) for w in caught)
     tokens_s = h.train_batch_tokens / step_ms * 1000
     tflops = flops_per_token(h) * 3 * tokens_s / 1e12
-    out = dict(config=args.one, params=sum(p.numel() for p in model.parameters()), attention=T.ATTENTION_BACKEND,
+    out = dict(config=args.one, script=os.path.relpath(args.script, REPO), inductor=args.inductor,
+               compile_mode=args.compile_mode or "default", params=sum(p.numel() for p in model.parameters()), attention=T.ATTENTION_BACKEND,
                sdpa_backend=h.sdpa_backend, stream_dtype=h.stream_dtype, gpu=torch.cuda.get_device_name(device),
                torch=torch.__version__, ms_per_step=round(step_ms, 2), ms_per_microbatch=round(step_ms / accum, 2),
                tokens_per_s_per_gpu=round(tokens_s), model_tflops=round(tflops, 1),
@@ -127,7 +167,11 @@ def bench_one(env, args):
             torch.cuda.synchronize()
         kernels = sorted(((e.key, e.device_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])
         total = sum(v for _, v in kernels) or 1
-        out["top_kernels"] = [[k[:70], round(v / 1000, 2), round(v / total, 3)] for k, v in kernels[:15]]
+        kinds = {}
+        for k, v in kernels:
+            kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0) + v
+        out["gpu_ms_by_kind"] = {k: round(v / 1000, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+        out["top_kernels"] = [[k[:90], round(v / 1000, 2), round(v / total, 3)] for k, v in kernels[:args.top]]
 
     if args.eval_tokens:
         val = T.load_val_tokens(str(data))[:args.eval_tokens + 1]
@@ -156,6 +200,10 @@ def main():
     ap.add_argument("--eval-tokens", type=int, default=1_000_000, help="sliding-eval tokens to time; 0 = skip")
     ap.add_argument("--data", help="folder with shards (default: a synthetic random-token shard)")
     ap.add_argument("--profile", action="store_true", help="top CUDA kernels of one step")
+    ap.add_argument("--top", type=int, default=15, help="kernels listed with --profile")
+    ap.add_argument("--script", default=str(REPO / "train_gpt.py"), help="the train_gpt.py to measure")
+    ap.add_argument("--inductor", default="", help="torch._inductor.config options to try, 'name=value,...'")
+    ap.add_argument("--compile-mode", help="torch.compile mode for the model (e.g. max-autotune-no-cudagraphs)")
     ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the GPU (H100/H200 SXM)")
     ap.add_argument("--one", help=argparse.SUPPRESS)
     args = ap.parse_args()

@@ -189,3 +189,15 @@ def test_ttt_learns_a_repeat(trained, mode):
     base = T.score_windows(trained[0], tokens, wins, trained[2], 16, CPU, contextlib.nullcontext())
     assert second[1] == base[1] == 640  # the same positions
     assert second[0] < 0.95 * base[0], (second[0].item(), base[0].item())
+
+
+def test_ttt_time_projection_counts_compile_time_and_warns():
+    h, lines = hparams(MAX_EVAL_SECONDS="12"), []
+    t0 = T.time.perf_counter() - 1.0  # 1 s for the first 10% of the tokens
+    assert T.project_eval_time(lines.append, t0, 0, 5, 100, h, spent=5.0) == 5  # under 10%: silent
+    assert not lines
+    assert T.project_eval_time(lines.append, t0, 5, 5, 100, h, spent=5.0) == 10
+    assert T.project_eval_time(lines.append, t0, 10, 5, 100, h, spent=5.0) == 15  # logs only once
+    (line,) = lines
+    projected = float(line.split("projected ")[1].split("s")[0])
+    assert 14 <= projected <= 17 and "over MAX_EVAL_SECONDS=12" in line
