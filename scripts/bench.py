@@ -96,15 +96,15 @@ def import_script(path):
 def set_inductor_options(text):
     """--inductor 'name=value,...': torch._inductor.config knobs to try (values parsed as Python literals)."""
     import ast
+    import functools
     import torch._inductor.config as config
     for kv in filter(None, text.split(",")):
         name, value = kv.split("=", 1)
-        obj, *path = [config] + name.split(".")[:-1]
-        for part in path:
-            obj = getattr(obj, part)
-        if not hasattr(obj, name.split(".")[-1]):
+        *parents, leaf = name.split(".")  # e.g. triton.cudagraphs
+        obj = functools.reduce(lambda o, part: getattr(o, part, None), parents, config)
+        if obj is None or not hasattr(obj, leaf):
             sys.exit(f"bench: torch._inductor.config has no option {name!r}")
-        setattr(obj, name.split(".")[-1], ast.literal_eval(value))
+        setattr(obj, leaf, ast.literal_eval(value))
 
 
 def bench_one(env, args):

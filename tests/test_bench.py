@@ -47,6 +47,8 @@ def test_inductor_options_are_set_and_typos_rejected():
         config.aggressive_fusion = old
     with pytest.raises(SystemExit, match="no option 'agressive_fusion'"):
         bench.set_inductor_options("agressive_fusion=True")
+    with pytest.raises(SystemExit, match="no option 'tritn.cudagraphs'"):
+        bench.set_inductor_options("tritn.cudagraphs=True")
 
 
 def test_script_option_measures_another_copy(tmp_path, monkeypatch):
