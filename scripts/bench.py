@@ -14,6 +14,7 @@ attention and head, forward + backward = 3x forward), peak memory, compile secon
 the timed steps (recompiles), eval tokens/s; with --profile the top CUDA kernels of one step.
 """
 import argparse
+import collections
 import json
 import os
 import subprocess
@@ -126,8 +127,7 @@ def bench_one(env, args):
     loader = T.TrainLoader(T.shard_paths(str(data), "train"), h.train_seq_len, h.seed, 0, 1, device)
     torch.manual_seed(h.seed)
     model = T.GPT(h).to(device)
-    mode = dict(mode=args.compile_mode) if args.compile_mode else {}
-    compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph, **mode) if h.compile else model
+    compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph, mode=args.compile_mode) if h.compile else model
     zeropower = torch.compile(T.newton_schulz, dynamic=False) if h.compile else T.newton_schulz
     trainer = T.Trainer(model, compiled, T.build_optimizers(model, h, 0, 1, zeropower), h, accum, autocast)
     trainer.ema = T.EMA(model, h.ema_decay) if h.ema_decay else None
@@ -167,10 +167,10 @@ def bench_one(env, args):
             torch.cuda.synchronize()
         kernels = sorted(((e.key, e.device_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])
         total = sum(v for _, v in kernels) or 1
-        kinds = {}
+        kinds = collections.Counter()
         for k, v in kernels:
-            kinds[kernel_kind(k)] = kinds.get(kernel_kind(k), 0) + v
-        out["gpu_ms_by_kind"] = {k: round(v / 1000, 2) for k, v in sorted(kinds.items(), key=lambda kv: -kv[1])}
+            kinds[kernel_kind(k)] += v
+        out["gpu_ms_by_kind"] = {k: round(v / 1000, 2) for k, v in kinds.most_common()}
         out["top_kernels"] = [[k[:90], round(v / 1000, 2), round(v / total, 3)] for k, v in kernels[:args.top]]
 
     if args.eval_tokens:
