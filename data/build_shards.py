@@ -7,7 +7,8 @@ Outputs fineweb_val_000000.bin, fineweb_train_000000.bin, ... plus manifest.json
 an --out-dir that already holds shards unless --overwrite (which also drops stale ones).
 
 Inputs: .jsonl (one JSON object per line, text under --text-key), .jsonl.zst (same,
-zstd-compressed; needs `zstandard`), .txt (whole file = one document), or directories
+zstd-compressed; needs `zstandard`), .txt (one or more blank, i.e. empty or whitespace-only,
+lines separate documents; a document keeps its other lines as they are), or directories
 (all such files under them, sorted). The first --val-docs documents (after the optional
 --shuffle-seed document shuffle) form the val split; the rest are train.
 All documents are held in memory, so this is meant for corpora of up to a few GB.
@@ -27,6 +28,7 @@ import io
 import json
 import os
 import random
+import re
 import sys
 from pathlib import Path
 
@@ -34,6 +36,7 @@ import numpy as np
 
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
+SHARD_NAME = re.compile(r"fineweb_(train|val)_[0-9]{6}\.bin")
 
 
 class UsageError(Exception):
@@ -54,9 +57,27 @@ def input_files(paths: list[str]) -> list[Path]:
     return files
 
 
+def is_shard(name: str) -> bool:
+    """Only our own shard names: sidecars such as fineweb_val_bytes_000000.bin are the user's."""
+    return SHARD_NAME.fullmatch(name) is not None
+
+
+def txt_docs(text: str):
+    """Blank (empty or whitespace-only) lines separate documents, so one book can give a val split."""
+    lines = []
+    for line in text.split("\n"):
+        if line.strip():
+            lines.append(line)
+        elif lines:
+            yield "\n".join(lines)
+            lines = []
+    if lines:
+        yield "\n".join(lines)
+
+
 def read_docs(path: Path, text_key: str):
     if path.name.endswith(".txt"):
-        yield path.read_text(encoding="utf-8")
+        yield from txt_docs(path.read_text(encoding="utf-8"))
         return
     if path.name.endswith(".zst"):
         try:
@@ -89,6 +110,18 @@ def train_sentences(docs: list[str], max_len: int):
                 yield line
 
 
+def tokenizer_error(message: str) -> str:
+    """SentencePiece's trainer error as one line, its advice given in our flag's terms."""
+    line = (message.strip().splitlines() or ["unknown error"])[-1]
+    text = re.sub(r"^\w+: \S+\(\d+\) \[[^\]]*\] ", "", line).strip() or line  # drop status, source, check
+    if m := re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", text):
+        return f"Vocabulary size too high ({m[1]}): use --train-tokenizer {m[2]} or less, or add more text"
+    if m := re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", text):
+        return (f"Vocabulary size is smaller than required_chars ({m[1]} vs {m[2]}): use a larger "
+                f"--train-tokenizer (at least {m[2]}: 256 byte-fallback pieces, 4 specials, the text's characters)")
+    return f"{text} (SentencePiece's message; check the input text and the --train-tokenizer vocab)"
+
+
 def train_tokenizer(docs: list[str], vocab_size: int, prefix: str, max_sentences: int, seed: int) -> str:
     import sentencepiece as spm
 
@@ -104,8 +137,7 @@ def train_tokenizer(docs: list[str], vocab_size: int, prefix: str, max_sentences
             input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=1,
             minloglevel=2)
     except RuntimeError as e:
-        raise UsageError(f"tokenizer training failed: {str(e).strip().splitlines()[-1]} "
-                         "(try a smaller --train-tokenizer vocab or more text)") from None
+        raise UsageError(f"tokenizer training failed: {tokenizer_error(str(e))}") from None
     return prefix + ".model"
 
 
@@ -142,7 +174,8 @@ class ShardWriter:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
-    ap.add_argument("--inputs", nargs="+", required=True, help=".jsonl/.jsonl.zst/.txt files or dirs")
+    ap.add_argument("--inputs", nargs="+", required=True,
+                    help=".jsonl/.jsonl.zst files, .txt files (blank lines separate documents) or dirs")
     ap.add_argument("--out-dir", required=True)
     ap.add_argument("--val-docs", type=int, required=True, help="first N docs go to val")
     ap.add_argument("--text-key", default="text")
@@ -175,7 +208,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UsageError(f"tokenizer not found: {args.tokenizer} (check --tokenizer)")
     out_dir = Path(args.out_dir)
-    old = sorted(out_dir.glob("fineweb_*.bin")) if out_dir.is_dir() else []
+    old = sorted(p for p in out_dir.glob("fineweb_*.bin") if is_shard(p.name)) if out_dir.is_dir() else []
     if old and not args.overwrite:
         raise UsageError(f"{out_dir} already holds {len(old)} shards: pass --overwrite or pick an empty --out-dir")
     files = input_files(args.inputs)

@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -185,3 +186,79 @@ def test_existing_shards_need_overwrite(built, tmp_path, capsys):
     assert len(list(out.glob("fineweb_train_*.bin"))) == n_before  # untouched
     assert build_shards.main([*args, "--overwrite"]) == 0  # default shard size: one train shard, stale ones gone
     assert sorted(p.name for p in out.glob("*.bin")) == ["fineweb_train_000000.bin", "fineweb_val_000000.bin"]
+
+
+PARAGRAPHS = ["Call me Ishmael.", "Some years ago, never mind how long precisely.",
+              "It is a way I have of driving off the spleen.", "Whenever I find myself growing grim.",
+              "Then I account it high time to get to sea."]
+
+
+def test_txt_blank_lines_separate_documents(built, tmp_path, capsys):
+    book = tmp_path / "book.txt"  # separators: empty and whitespace-only lines, runs of them, at both ends
+    book.write_text("\n\n" + "\n\n".join(PARAGRAPHS[:2]) + "\n \t\n\n" + PARAGRAPHS[2] + "\n\n\n"
+                    + "\n\t\n".join(PARAGRAPHS[3:]) + "\n\n")
+    out = tmp_path / "out"
+    rc = build_shards.main(["--inputs", str(book), "--val-docs", "2", "--tokenizer",
+                            str(built["tmp"] / "tok" / "sp.model"), "--out-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    sp = built["sp"]
+    val = [sp.decode(ids) for ids in split_at_bos(read_shard(out / "fineweb_val_000000.bin"))]
+    train = [sp.decode(ids) for ids in split_at_bos(read_shard(out / "fineweb_train_000000.bin"))]
+    assert (val, train) == (PARAGRAPHS[:2], PARAGRAPHS[2:])
+    splits = json.loads((out / "manifest.json").read_text())["splits"]
+    assert (splits["val"]["docs"], splits["train"]["docs"]) == (2, 3)
+
+
+def test_txt_documents_keep_their_lines(tmp_path):
+    # Exact texts (the tokenizer's normalization would hide indentation and line breaks).
+    docs = ["  indented first line\nsecond line  ", "one\n\tmore", "last, no final newline"]
+    path = tmp_path / "doc.txt"
+    path.write_bytes(f"{docs[0]}\r\n   \r\n{docs[1]}\n\n\n{docs[2]}".encode())  # CRLF reads as \n
+    assert list(build_shards.read_docs(path, "text")) == docs
+    path.write_text(" \n\t\n")
+    assert list(build_shards.read_docs(path, "text")) == []  # blank lines only: no empty documents
+
+
+@pytest.mark.parametrize("overwrite", [False, True])
+def test_sidecar_is_not_a_shard(built, tmp_path, capsys, overwrite):
+    out = tmp_path / "out"
+    out.mkdir()
+    sidecar = out / "fineweb_val_bytes_000000.bin"  # e.g. the upstream CaseOps byte sidecar
+    sidecar.write_bytes(b"user data")
+    if overwrite:
+        (out / "fineweb_train_000007.bin").write_bytes(b"stale")  # a real shard name: still dropped
+    args = ["--inputs", str(built["val_file"]), "--val-docs", "1", "--tokenizer",
+            str(built["tmp"] / "tok" / "sp.model"), "--out-dir", str(out)]
+    assert build_shards.main(args + ["--overwrite"] * overwrite) == 0, capsys.readouterr().err
+    assert sidecar.is_file() and sidecar.read_bytes() == b"user data", "the sidecar was removed or changed"
+    assert sorted(p.name for p in out.glob("*.bin")) == [
+        "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
+    assert ("removed 1 stale" in capsys.readouterr().out) == overwrite
+
+
+@pytest.mark.parametrize("case", ["vocab_too_high", "vocab_too_small"])
+def test_tokenizer_vocab_errors_point_the_right_way(tmp_path, capsys, case):
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"the quick brown fox {i} jumps over the lazy dog"}) + "\n"
+                              for i in range(4)))
+    out = tmp_path / "out"
+
+    def build(vocab: int) -> int:
+        return build_shards.main(["--inputs", str(corpus), "--val-docs", "1", "--train-tokenizer", str(vocab),
+                                  "--tokenizer-out", str(tmp_path / "tok" / "sp"), "--out-dir", str(out)])
+
+    assert build(5000 if case == "vocab_too_high" else 100) == 1
+    err = capsys.readouterr().err
+    lines = err.strip().splitlines()
+    assert "Traceback" not in err and len(lines) == 1, err
+    line = lines[0]
+    assert line.startswith("build_shards: error: tokenizer training failed:"), line
+    if case == "vocab_too_high":
+        m = re.search(r"use --train-tokenizer (\d+) or less", line)
+        assert m and "larger" not in line, line
+    else:
+        m = re.search(r"use a larger --train-tokenizer \(at least (\d+)", line)
+        assert m and "smaller --train-tokenizer" not in line and "vocab_size" not in line, line
+    assert "Vocabulary size" in line and "trainer_interface" not in line, line  # SentencePiece's words, no noise
+    assert not out.exists()
+    assert build(int(m[1])) == 0, capsys.readouterr().err  # the advised vocab does train
