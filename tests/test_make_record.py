@@ -8,6 +8,8 @@ import json
 import lzma
 import math
 import os
+import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -66,7 +68,8 @@ def write_log(path, rec, stale=None):
 
 @pytest.fixture
 def env(tmp_path):
-    """Fake script, run.sh and three logs of it; returns a namespace of paths and the base CLI args."""
+    """Fake script, run.sh and three logs of it (old style: no gpu/torch_version/env in the final line);
+    returns a namespace of paths, the CLI args without --hardware (base) and with it (args)."""
     script = tmp_path / "train_gpt.py"
     script.write_text(FAKE_SCRIPT)
     code = script.read_bytes()
@@ -78,11 +81,11 @@ def env(tmp_path):
         stale = final_record(seed, 9.0, 9.0, 1, code) if seed == 42 else None
         logs.append(write_log(tmp_path / f"run_{seed}.txt", final_record(seed, loss, bpb, mb, code), stale))
     out_root = tmp_path / "records"
-    args = ["--name", "crawler_test", "--author", "Ada Lovelace", "--github-id", "ada", "--script", str(script),
-            "--run-sh", str(run_sh), "--date", "2026-03-01", "--out-root", str(out_root), "--hardware", "8xH100 SXM"]
+    base = ["--name", "crawler_test", "--author", "Ada Lovelace", "--github-id", "ada", "--script", str(script),
+            "--run-sh", str(run_sh), "--date", "2026-03-01", "--out-root", str(out_root)]
     target = out_root / "2026-03-01_crawler_test"
     return type("Env", (), dict(tmp=tmp_path, script=script, code=code, run_sh=run_sh, runs=runs, logs=logs,
-                                args=args, target=target, out_root=out_root))
+                                base=base, args=base + ["--hardware", "8xH100 SXM"], target=target, out_root=out_root))
 
 
 def cli(capsys, *argv):
@@ -112,7 +115,7 @@ def test_record_folder_layout_and_submission(env, capsys):
     sub = json.loads((env.target / "submission.json").read_text())
     assert sub["val_bpb"] == pytest.approx((1.18510 + 1.18450 + 1.18390) / 3, abs=1e-9)  # stale 9.0 line ignored
     assert sub["val_bpb"] == round(sub["val_bpb"], 8)
-    assert sub["val_bpb_per_seed"] == {"7": 1.18390, "42": 1.18450, "1337": 1.18510}
+    assert {k: v["val_bpb"] for k, v in sub["seed_results"].items()} == {"7": 1.18390, "42": 1.18450, "1337": 1.18510}
     assert sub["val_loss"] == pytest.approx(2.0, abs=1e-9)
     assert sub["bytes_total"] == 15_900_123 + len(env.code)
     assert sub["bytes_code"] == len(env.code)
@@ -126,6 +129,8 @@ def test_record_folder_layout_and_submission(env, capsys):
     assert "sliding" not in readme and "## Significance" not in readme
     assert f"val_loss: mean 2.00000, sample std {statistics.stdev([2.001, 2.0, 1.999]):.5f}" in readme
     assert "SEED=<seed> bash run.sh" in readme and '"crawler_loops": 3' in readme and "<details>" in readme
+    assert "config" in readme.split("## Reproduce")[1].split("<details>")[0]  # old logs: points at the config block
+    assert sub["command"] is None  # old logs do not say how they were launched
 
 
 def test_sliding_column_when_present(env, capsys):
@@ -171,6 +176,301 @@ def test_existing_target_refused_unless_force(env, capsys):
     assert rc == 0, err
     assert json.loads((env.target / "submission.json").read_text())["seeds"] == [7, 42, 1337]
     assert sorted(p.name for p in env.out_root.iterdir()) == [env.target.name]
+
+
+# ---------------------------------------------------------------------------------------------------
+# submission.json: the upstream records' fields, per-seed results, blurb
+
+NEW_SETUP = {"gpu": "NVIDIA H100 80GB HBM3", "world_size": 8, "torch_version": "2.11.0+cu130"}
+FULL_CONFIG = dict(CONFIG, num_crawler_layers=1, quant_bits=6, compressor="brotli", eval_seq_len=2048,
+                   eval_stride=64, ttt="off")
+UPSTREAM_KEYS = {"author", "github_id", "name", "blurb", "date", "track", "val_loss", "val_bpb", "val_bpb_std",
+                 "val_loss_std", "seeds", "seed_results", "artifact_bytes_mean", "artifact_bytes_max", "bytes_total",
+                 "hardware", "pytorch_version"}
+
+
+def test_submission_has_upstream_fields_and_seed_results(env, capsys):
+    logs = []
+    for seed, (loss, bpb, mb) in env.runs.items():
+        rec = final_record(seed, loss, bpb, mb, env.code, **NEW_SETUP, step_avg_ms=98.5 + seed % 10,
+                           roundtrip_eval_s=10.0 + seed % 3, sliding_eval_s=80.25, live_eval_s=5.0,
+                           prequant_eval_s=6.0, config=dict(FULL_CONFIG, seed=seed))
+        logs.append(write_log(env.tmp / f"new_{seed}.txt", rec))
+    rc, _, err = cli(capsys, *env.base, "--logs", *logs)
+    assert rc == 0, err
+    sub = json.loads((env.target / "submission.json").read_text())
+    assert UPSTREAM_KEYS <= set(sub) and sub["track"] == "10min_16mb"
+    assert sub["val_loss_std"] == pytest.approx(statistics.stdev([2.001, 2.0, 1.999]), abs=1e-8)
+    assert sub["val_bpb_std"] == pytest.approx(statistics.stdev([1.18510, 1.18450, 1.18390]), abs=1e-8)
+    totals = [mb + len(env.code) for _, _, mb in env.runs.values()]
+    assert sub["artifact_bytes_max"] == sub["bytes_total"] == max(totals)
+    assert sub["artifact_bytes_mean"] == round(statistics.fmean(totals))
+    assert sorted(sub["seed_results"], key=int) == ["7", "42", "1337"]
+    for seed, (loss, bpb, mb) in env.runs.items():
+        r = sub["seed_results"][str(seed)]
+        assert (r["val_loss"], r["val_bpb"], r["artifact_bytes"], r["steps"]) == (loss, bpb, mb + len(env.code),
+                                                                                 6000 + seed % 100)
+        assert r["train_time_s"] == pytest.approx((590_123 + seed) / 1000)
+        assert r["step_avg_ms"] == pytest.approx(98.5 + seed % 10)
+        assert r["eval_time_s"] == pytest.approx(10.0 + seed % 3 + 80.25)  # live/prequant evals are not scored
+    assert (sub["hardware"], sub["pytorch_version"]) == ("8xNVIDIA H100 80GB HBM3", "2.11.0+cu130")
+    assert sub["blurb"] == ("Crawler GPT: 4 flat blocks + 1 crawler block x 3 loops, d512, int6 loop_gptq, brotli; "
+                            "scored by sliding window stride 64")
+    readme = (env.target / "README.md").read_text()
+    assert sub["blurb"] in readme and "8xNVIDIA H100 80GB HBM3" in readme and "2.11.0+cu130" in readme
+
+
+def test_single_seed_std_is_null_and_eval_time_without_evals(env, capsys):
+    rc, _, err = cli(capsys, *env.args, "--logs", env.logs[0])
+    assert rc == 0, err
+    sub = json.loads((env.target / "submission.json").read_text())
+    assert sub["val_bpb_std"] is None and sub["val_loss_std"] is None
+    assert sub["seed_results"]["1337"]["eval_time_s"] is None  # the log has no *_eval_s keys
+    assert sub["seed_results"]["1337"]["step_avg_ms"] == pytest.approx((590_123 + 1337) / (6000 + 37))
+
+
+@pytest.mark.parametrize("config,expected", [
+    (dict(FULL_CONFIG, ttt="sgd", eval_stride=2048, num_crawler_layers=2, crawler_loops=1),
+     "Crawler GPT: 4 flat blocks + 2 crawler blocks x 1 loop, d512, int6 loop_gptq, brotli; scored by "
+     "non-overlapping windows + score-first TTT (sgd)"),
+    (dict(FULL_CONFIG, crawler_loops=0), "GPT: 4 flat blocks, d512, int6 loop_gptq, brotli; scored by sliding "
+                                         "window stride 64"),
+    ({"model_dim": 384, "ttt": "lora"}, "GPT: d384; scored by score-first TTT (lora)"),
+    ({"quant_bits": 5, "eval_stride": 32}, "GPT: int5; scored by sliding window stride 32"),
+])
+def test_blurb_from_config(config, expected):
+    assert mr.auto_blurb(config) == expected
+
+
+def test_blurb_option_and_missing_config(env, capsys):
+    rec = final_record(3, 2.0, 1.2, 15_000_000, env.code)
+    del rec["config"]
+    log = write_log(env.tmp / "noconfig.txt", rec)
+    rc, _, err = cli(capsys, *env.args, "--logs", log)
+    assert rc == 0, err
+    blurb = json.loads((env.target / "submission.json").read_text())["blurb"]
+    assert isinstance(blurb, str) and blurb and "\n" not in blurb
+    rc, _, err = cli(capsys, *env.args, "--logs", log, "--blurb", "My own words.", "--force")
+    assert rc == 0, err
+    assert json.loads((env.target / "submission.json").read_text())["blurb"] == "My own words."
+
+
+# ---------------------------------------------------------------------------------------------------
+# Hardware and torch version from the logs
+
+
+def test_hardware_from_final_line_and_header_fallback(env, capsys):
+    new = write_log(env.tmp / "new.txt", final_record(1, 2.0, 1.2, 15_000_000, env.code, **NEW_SETUP))
+    old = env.tmp / "old.txt"  # no gpu/torch_version in the final line: the run's header line says it
+    rec = final_record(2, 2.0, 1.2, 15_000_000, env.code)
+    old.write_text(f"run r2 | torch 2.11.0+cu130 | 8 x NVIDIA H100 80GB HBM3 | attention: sdpa (flash-attn not "
+                   f"installed: PyTorch SDPA)\nstep 1/20000 train_loss 6.9\n{json.dumps(rec)}\n")
+    rc, _, err = cli(capsys, *env.base, "--logs", new, old)
+    assert rc == 0, err
+    sub = json.loads((env.target / "submission.json").read_text())
+    assert (sub["hardware"], sub["pytorch_version"]) == ("8xNVIDIA H100 80GB HBM3", "2.11.0+cu130")
+    assert "8xNVIDIA H100 80GB HBM3" in (env.target / "README.md").read_text()
+
+
+def test_header_of_the_last_run_in_an_appended_log_counts(env, capsys):
+    rec = final_record(2, 2.0, 1.2, 15_000_000, env.code)
+    del rec["world_size"]  # so that the header's count shows too
+    log = env.tmp / "appended.txt"
+    log.write_text("\n".join([
+        "run r | torch 2.9.0 | 1 x cpu | attention: sdpa", json.dumps(dict(rec, val_bpb=9.0)),
+        "run r | torch 2.11.0+cu130 | 2 x NVIDIA H200 | attention: fa3", json.dumps(rec)]) + "\n")
+    rc, _, err = cli(capsys, *env.base, "--logs", log)
+    assert rc == 0, err
+    sub = json.loads((env.target / "submission.json").read_text())
+    assert (sub["hardware"], sub["pytorch_version"], sub["val_bpb"]) == ("2xNVIDIA H200", "2.11.0+cu130", 1.2)
+
+
+def test_mixed_hardware_or_torch_is_an_error_unless_overridden(env, capsys):
+    h100 = write_log(env.tmp / "h100.txt", final_record(1, 2.0, 1.2, 15_000_000, env.code, **NEW_SETUP))
+    h200 = write_log(env.tmp / "h200.txt", final_record(2, 2.0, 1.2, 15_000_000, env.code,
+                                                       **dict(NEW_SETUP, gpu="NVIDIA H200")))
+    rc, _, err = cli(capsys, *env.base, "--logs", h100, h200)
+    assert_error(rc, err, "h100.txt", "h200.txt", "8xNVIDIA H100 80GB HBM3", "8xNVIDIA H200", "--hardware")
+    assert not env.target.exists()
+    rc, _, err = cli(capsys, *env.base, "--logs", h100, h200, "--hardware", "8xH100-class")
+    assert rc == 0, err
+    assert json.loads((env.target / "submission.json").read_text())["hardware"] == "8xH100-class"
+    torch29 = write_log(env.tmp / "torch29.txt", final_record(3, 2.0, 1.2, 15_000_000, env.code,
+                                                             **dict(NEW_SETUP, torch_version="2.9.1+cu128")))
+    rc, _, err = cli(capsys, *env.base, "--logs", h100, torch29, "--hardware", "8xH100", "--force")
+    assert_error(rc, err, "h100.txt", "torch29.txt", "2.11.0+cu130", "2.9.1+cu128")
+
+
+def test_unknown_hardware_needs_the_option(env, capsys):
+    log = env.tmp / "bare.txt"
+    log.write_text(json.dumps(final_record(1, 2.0, 1.2, 15_000_000, env.code)) + "\n")
+    rc, _, err = cli(capsys, *env.base, "--logs", log)
+    assert_error(rc, err, "bare.txt", "--hardware")
+    rc, _, err = cli(capsys, *env.base, "--logs", log, "--hardware", "8xH100 SXM")
+    assert rc == 0, err
+    assert json.loads((env.target / "submission.json").read_text())["pytorch_version"] is None
+
+
+# ---------------------------------------------------------------------------------------------------
+# The files run.sh needs travel with it
+
+MENTION = re.compile(r"(?<![\w./$-])(?:\./)?((?:data|presets|scripts)/[\w.-]+(?:/[\w.-]+)*)")
+
+
+def test_record_has_every_file_the_real_run_sh_uses(env, capsys):
+    rc, _, err = cli(capsys, *env.args, "--run-sh", REPO / "run.sh", "--logs", *env.logs)
+    assert rc == 0, err
+    text = (REPO / "run.sh").read_text()
+    needed = {m.rstrip(".") for m in MENTION.findall(text)}
+    needed = {p for p in needed if not p.startswith("data/") or p.endswith(".py")}  # shards/tokenizers are built
+    needed |= {f"presets/{p.name}" for p in (REPO / "presets").glob("*.env")}
+    assert "data/build_shards.py" in needed and "data/cached_challenge_fineweb.py" in needed
+    for rel in sorted(needed):
+        assert (env.target / rel).read_bytes() == (REPO / rel).read_bytes(), rel
+    # run.sh finds its presets from inside the record folder
+    r = subprocess.run(["bash", "run.sh", "no_such_preset"], cwd=env.target, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "leg3" in r.stderr, r.stderr
+
+
+def test_run_sh_mentions_are_copied_and_a_missing_one_is_an_error(env, capsys):
+    repo = env.tmp / "repo"
+    (repo / "data").mkdir(parents=True)
+    (repo / "scripts").mkdir()
+    (repo / "presets").mkdir()
+    (repo / "data" / "tool.py").write_text("print('tool')\n")
+    (repo / "scripts" / "prep.sh").write_text("echo prep\n")
+    (repo / "presets" / "deep.env").write_text(': "${NUM_FLAT_LAYERS:=6}"\n')
+    run_sh = repo / "run.sh"
+    run_sh.write_text('#!/usr/bin/env bash\n# see scripts/prep.sh.\npython3 ./data/tool.py --out data/datasets/x.bin\n'
+                      'source "presets/$1.env"\nexec python3 train_gpt.py\n')
+    rc, _, err = cli(capsys, *env.args, "--run-sh", run_sh, "--logs", env.logs[0])
+    assert rc == 0, err
+    got = sorted(p.relative_to(env.target).as_posix() for p in env.target.rglob("*") if p.is_file())
+    assert {"data/tool.py", "scripts/prep.sh", "presets/deep.env"} <= set(got)
+    assert not [p for p in got if p.startswith("data/datasets")]
+    run_sh.write_text(run_sh.read_text() + "python3 data/missing_tool.py\n")
+    rc, _, err = cli(capsys, *env.args, "--run-sh", run_sh, "--logs", env.logs[0], "--force")
+    assert_error(rc, err, "data/missing_tool.py", str(run_sh))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Reproduce: each run's real command
+
+RUN_SH = '''#!/usr/bin/env bash
+set -a
+if [ $# -gt 0 ]; then source "presets/$1.env"; fi
+if [ "${SMOKE:-0}" = 1 ]; then
+  : "${NUM_FLAT_LAYERS:=2}" "${MODEL_DIM:=64}"
+fi
+: "${DATA_PATH:=./data/datasets/fineweb10B_sp1024}"
+: "${SEED:=1337}"
+: "${NUM_FLAT_LAYERS:=4}"
+: "${CRAWLER_LOOPS:=3}"
+: "${ROPE_SCALES:=}"           # e.g. 9,1,1
+: "${RUN_ID:=$(date +%s)_seed${SEED}}"
+exec python3 train_gpt.py
+'''
+DEFAULT_ENV = {"DATA_PATH": "./data/datasets/fineweb10B_sp1024", "NUM_FLAT_LAYERS": "4", "CRAWLER_LOOPS": "3"}
+
+
+def command_env(tmp):
+    """A repository whose run.sh and presets the command is built against."""
+    repo = tmp / "cmdrepo"
+    (repo / "presets").mkdir(parents=True)
+    (repo / "run.sh").write_text(RUN_SH)
+    (repo / "presets" / "deep.env").write_text('# deeper\n: "${NUM_FLAT_LAYERS:=6}" "${CRAWLER_LOOPS:=2}"\n'
+                                               ': "${ROPE_SCALES:=9,1}"\n')
+    return repo / "run.sh"
+
+
+def env_logs(env, envs, **extra):
+    return [write_log(env.tmp / f"env_{seed}.txt", final_record(seed, 2.0, 1.2, 15_000_000, env.code,
+                                                                 **{**NEW_SETUP, **extra},
+                                                                 env=dict(e, SEED=str(seed), RUN_ID=f"r{seed}")))
+            for seed, e in envs.items()]
+
+
+def reproduce(env):
+    readme = (env.target / "README.md").read_text()
+    block = readme.split("## Reproduce")[1].split("```bash\n")[1].split("```")[0]
+    return block.splitlines(), json.loads((env.target / "submission.json").read_text())["command"]
+
+
+@pytest.mark.parametrize("run_env,command", [
+    (DEFAULT_ENV, "SEED={seed} NPROC_PER_NODE=8 bash run.sh"),
+    (dict(DEFAULT_ENV, NUM_FLAT_LAYERS="6", CRAWLER_LOOPS="2", ROPE_SCALES="9,1", MATRIX_LR="0.02"),
+     "MATRIX_LR=0.02 SEED={seed} NPROC_PER_NODE=8 bash run.sh deep"),
+    # one difference either way: no preset wins the tie
+    (dict(DEFAULT_ENV, NUM_FLAT_LAYERS="6"), "NUM_FLAT_LAYERS=6 SEED={seed} NPROC_PER_NODE=8 bash run.sh"),
+    (dict(DEFAULT_ENV, XSA_BLOCKS="0,1 2"), "XSA_BLOCKS='0,1 2' SEED={seed} NPROC_PER_NODE=8 bash run.sh"),
+])
+def test_reproduce_command_from_the_runs_env(env, capsys, run_env, command):
+    run_sh = command_env(env.tmp)
+    logs = env_logs(env, {7: run_env, 42: run_env})
+    rc, _, err = cli(capsys, *env.base, "--run-sh", run_sh, "--logs", *logs)
+    assert rc == 0, err
+    lines, sub_command = reproduce(env)
+    assert lines == [command.format(seed=7), command.format(seed=42)]
+    assert sub_command == "\n".join(lines)
+
+
+def test_reproduce_command_of_a_direct_launch(env, capsys):
+    """run.sh would set CRAWLER_LOOPS, which the run did not have: only a direct launch reproduces it."""
+    run_sh = command_env(env.tmp)
+    logs = env_logs(env, {7: {"NUM_FLAT_LAYERS": "4", "DATA_PATH": "/d"}})
+    rc, _, err = cli(capsys, *env.base, "--run-sh", run_sh, "--logs", *logs)
+    assert rc == 0, err
+    lines, _ = reproduce(env)
+    assert lines == ["DATA_PATH=/d NUM_FLAT_LAYERS=4 SEED=7 python3 -m torch.distributed.run --standalone "
+                     "--nproc_per_node=8 train_gpt.py"]
+    assert "CRAWLER_LOOPS" in (env.target / "README.md").read_text()
+
+
+def test_runs_with_different_env_are_an_error(env, capsys):
+    run_sh = command_env(env.tmp)
+    logs = env_logs(env, {7: DEFAULT_ENV, 42: dict(DEFAULT_ENV, MATRIX_LR="0.02")})
+    rc, _, err = cli(capsys, *env.base, "--run-sh", run_sh, "--logs", *logs)
+    assert_error(rc, err, "MATRIX_LR", "env_7.txt", "env_42.txt")
+    assert not env.target.exists()
+    logs = env_logs(env, {7: DEFAULT_ENV, 42: dict(DEFAULT_ENV, CRAWLER_LOOPS="2")})
+    rc, _, err = cli(capsys, *env.base, "--run-sh", run_sh, "--logs", *logs)
+    assert_error(rc, err, "CRAWLER_LOOPS", "env_7.txt", "env_42.txt")
+
+
+def real_run_sh_env(tmp, *args, **outside):
+    """The variables the real run.sh exports before it starts torchrun (its text up to `set +a`, run by bash)."""
+    repo = tmp / "real"
+    shutil.copytree(REPO / "presets", repo / "presets")
+    text = (REPO / "run.sh").read_text()
+    assert "\nset +a\n" in text
+    (repo / "defaults.sh").write_text(text.split("\nset +a\n")[0] + "\nenv\n")
+    r = subprocess.run(["bash", "defaults.sh", *args], cwd=repo, capture_output=True, text=True, timeout=60,
+                       env={"PATH": os.environ["PATH"], **outside})
+    assert r.returncode == 0, r.stderr
+    pairs = [line.split("=", 1) for line in r.stdout.splitlines() if "=" in line]
+    shell = ("PATH", "PWD", "OLDPWD", "SHLVL")
+    return {k: v for k, v in pairs if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and v and k not in shell}
+
+
+@pytest.mark.parametrize("preset", [None, "leg3", "ouroboros"])
+def test_reproduce_command_against_the_real_run_sh(env, capsys, preset):
+    args = [preset] if preset else []
+    run_env = real_run_sh_env(env.tmp, *args, MATRIX_LR="0.0275")
+    assert run_env["MATRIX_LR"] == "0.0275" and "RUN_ID" in run_env
+    logs = env_logs(env, {7: run_env, 42: run_env})
+    rc, _, err = cli(capsys, *env.base, "--run-sh", REPO / "run.sh", "--logs", *logs)
+    assert rc == 0, err
+    lines, _ = reproduce(env)
+    tail = " bash run.sh" + (f" {preset}" if preset else "")
+    assert lines == [f"MATRIX_LR=0.0275 SEED={s} NPROC_PER_NODE=8{tail}" for s in (7, 42)]
+
+
+def test_mixing_logs_with_and_without_env_is_an_error(env, capsys):
+    run_sh = command_env(env.tmp)
+    logs = env_logs(env, {7: DEFAULT_ENV}, torch_version="2.x")  # same torch as the old logs' header line
+    rc, _, err = cli(capsys, *env.base, "--run-sh", run_sh, "--hardware", "8xH100", "--logs", logs[0], env.logs[0])
+    assert_error(rc, err, "env_7.txt", env.logs[0].name, "environment")
+
 
 
 # ---------------------------------------------------------------------------------------------------
