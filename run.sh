@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The canonical run of train_gpt.py. Every variable below is a default: set it outside to override.
+# The canonical run of train_gpt.py (through torchrun on several GPUs). Every variable below is a default:
+# set it outside to override.
 #   bash run.sh                          # 4 flat + 1 crawler x 3 loops on all visible GPUs, 600 s cap
 #   NUM_FLAT_LAYERS=6 SEED=42 bash run.sh
 #   bash run.sh leg3                     # a preset from presets/ (values set outside still win)
 #   NPROC_PER_NODE=1 MAX_WALLCLOCK_SECONDS=300 bash run.sh   # one GPU, same global batch by accumulation
-#   SMOKE=1 bash run.sh                  # offline end-to-end check in about a minute, CPU or GPU
+#   SMOKE=1 bash run.sh                  # offline end-to-end check, CPU or GPU (about 35 s on 2 CPU cores)
 # README.md documents every variable.
 set -euo pipefail
 cd "$(dirname "$0")"
@@ -28,10 +29,11 @@ if [ "${SMOKE:-0}" = 1 ]; then
   fi
   : "${DATA_PATH:=$smoke}" "${TOKENIZER_PATH:=data/tokenizers/smoke_512.model}" "${VOCAB_SIZE:=512}"
   : "${MODEL_DIM:=64}" "${NUM_HEADS:=4}" "${NUM_KV_HEADS:=2}" "${NUM_FLAT_LAYERS:=2}" "${CRAWLER_LOOPS:=2}"
-  : "${TRAIN_SEQ_LEN:=128}" "${TRAIN_BATCH_TOKENS:=4096}" "${MICRO_BATCH_TOKENS:=4096}" "${ITERATIONS:=120}"
+  : "${TRAIN_SEQ_LEN:=128}" "${TRAIN_BATCH_TOKENS:=4096}" "${ITERATIONS:=120}"
   : "${MAX_WALLCLOCK_SECONDS:=0}" "${WARMUP_STEPS:=2}" "${MUON_MOMENTUM_WARMUP_STEPS:=40}" "${TRAIN_LOG_EVERY:=20}"
   : "${COMPILE:=0}" "${BIGRAM_VOCAB_SIZE:=512}" "${EMA_DECAY:=0.95}" "${GPTQ_CALIB_TOKENS:=16384}"
-  : "${NPROC_PER_NODE:=1}" "${RUN_ID:=smoke}"
+  : "${OMP_NUM_THREADS:=1}"  # one CPU thread: two spin-waiting ones are 4x slower on a busy 2-core machine
+  : "${NPROC_PER_NODE:=1}" "${RUN_ID:=smoke_$(date +%Y%m%d_%H%M%S)}"  # a new RUN_ID per run: logs are never reused
 fi
 
 # Data
@@ -56,10 +58,10 @@ fi
 : "${ROPE_DIMS:=16}"
 : "${BIGRAM_VOCAB_SIZE:=2048}"
 : "${SMEAR_GATE:=1}"
-# Batch and schedule: 786,432 tokens per step at any GPU count (accumulation fills the gap).
+# Batch and schedule: 786,432 tokens per step at any GPU count (micro-batches of up to 98,304 tokens per
+# rank, accumulation fills the gap).
 : "${TRAIN_SEQ_LEN:=2048}"
 : "${TRAIN_BATCH_TOKENS:=786432}"
-: "${MICRO_BATCH_TOKENS:=98304}"
 : "${MAX_WALLCLOCK_SECONDS:=600}"
 : "${ITERATIONS:=20000}"
 : "${LR_WARMUP_STEPS:=20}"
@@ -74,7 +76,7 @@ fi
 : "${TRAIN_LOG_EVERY:=100}"
 : "${RUN_ID:=$(date +%Y%m%d_%H%M%S)_seed${SEED}}"
 set +a
-if ! ls "$DATA_PATH"/fineweb_val_*.bin >/dev/null 2>&1 || [ ! -f "$TOKENIZER_PATH" ]; then
+if ! ls "$DATA_PATH"/fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin >/dev/null 2>&1 || [ ! -f "$TOKENIZER_PATH" ]; then
   echo "run.sh: no FineWeb shards in $DATA_PATH or no tokenizer at $TOKENIZER_PATH." >&2
   echo "Fetch them with:  python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80" >&2
   echo "(or point DATA_PATH/TOKENIZER_PATH at your own shards, or try SMOKE=1 bash run.sh)" >&2
@@ -83,5 +85,8 @@ fi
 
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
+fi
+if [ "$NPROC_PER_NODE" = 1 ]; then
+  exec python3 train_gpt.py  # one process needs no launcher, and Ctrl-C then prints only the script's own line
 fi
 exec python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" train_gpt.py

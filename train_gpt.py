@@ -4,13 +4,16 @@ A few unique "flat" blocks form a U-Net (encoder half, decoder half); between th
 weight-shared "crawler" blocks run CRAWLER_LOOPS times, so depth costs no bytes. The model is a list of
 unique blocks plus a schedule of their applications; every application owns its control vectors
 (residual mix, output scales, q gain, an entry embedding), which is what lets the loops of a shared
-block differ. Read top to bottom: hyperparameters, data, model, optimizers, evaluation, training, main.
-Budget: at most 1,800 lines and 75 KB, because these bytes count against the 16 MB artifact.
+block differ. Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization,
+evaluation, training, main. Budget: at most 1,850 lines and 92 KB, because these bytes count against the
+16 MB artifact (records ship it lzma-packed: about 34 KB).
 
 Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
 """
+import collections
 import contextlib
 import copy
+import dataclasses
 import datetime
 import glob
 import hashlib
@@ -19,7 +22,10 @@ import itertools
 import json
 import math
 import os
+import re
+import signal
 import sys
+import threading
 import time
 import uuid
 
@@ -36,17 +42,26 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 
 class ConfigError(Exception):
-    """Bad setting or input: reported as one line, exit code 2."""
+    """Bad setting or input: reported as one line (stderr and the run's log), exit code 2."""
 
 
 class EnvReader:
-    """Reads typed environment variables; a value that does not parse or fit says what is allowed."""
+    """Reads typed environment variables; a value that does not parse or fit says what is allowed.
+    Names read inside `shape()` are the model-shape settings that checkpoints and artifacts carry."""
 
     def __init__(self, environ):
-        self.environ, self.names = environ, set()
+        self.environ, self.names, self.shape_names, self._in_shape = environ, set(), [], False
+
+    @contextlib.contextmanager
+    def shape(self):
+        self._in_shape = True
+        yield
+        self._in_shape = False
 
     def read(self, name, default, kind, lo=None, hi=None, choices=None):
         self.names.add(name)
+        if self._in_shape:
+            self.shape_names.append(name.lower())
         text = self.environ.get(name, "").strip()
         if not text:
             return default
@@ -54,6 +69,8 @@ class EnvReader:
             value = kind(text)
         except ValueError:
             raise ConfigError(f"{name}={text!r} is not a valid {kind.__name__}") from None
+        if kind is float and not math.isfinite(value):  # nan would pass every bound check below
+            raise ConfigError(f"{name}={text!r}: must be a finite number")
         if choices is not None and value not in choices:
             raise ConfigError(f"{name}={text!r}: allowed values are {', '.join(map(str, choices))}")
         if (lo is not None and value < lo) or (hi is not None and value > hi):
@@ -74,6 +91,9 @@ def floats(text):
 class Hyperparameters:
     """Every environment variable the script reads, with its default; README.md documents each."""
 
+    # 0 means "follows another setting": (setting, the one it follows), resolved in this order
+    DERIVED = (("eval_seq_len", "train_seq_len"), ("eval_stride", "eval_seq_len"), ("crawler_quant_bits", "quant_bits"))
+
     def __init__(self, environ=os.environ):
         r = EnvReader(environ)
         s = lambda n, d, **k: r.read(n, d, str, **k)
@@ -81,7 +101,7 @@ class Hyperparameters:
         f = lambda n, d, **k: r.read(n, d, float, **k)
         b = lambda n, d: r.read(n, d, flag)
         # Data and run identity
-        self.data_path = s("DATA_PATH", "./data/datasets/fineweb10B_sp1024")  # fineweb_{train,val}_*.bin
+        self.data_path = s("DATA_PATH", "./data/datasets/fineweb10B_sp1024")  # fineweb_{train,val}_NNNNNN.bin
         self.tokenizer_path = s("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
         self.run_id = s("RUN_ID", datetime.datetime.now().strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
         self.seed = i("SEED", 1337, lo=0)
@@ -89,37 +109,38 @@ class Hyperparameters:
         self.iterations = i("ITERATIONS", 20000, lo=0)  # step cap; the wall clock usually stops first
         self.max_wallclock_seconds = f("MAX_WALLCLOCK_SECONDS", 600.0, lo=0)  # 0 = no cap, schedule by steps
         self.train_batch_tokens = i("TRAIN_BATCH_TOKENS", 786_432, lo=1)  # global tokens per step
-        self.micro_batch_tokens = i("MICRO_BATCH_TOKENS", 98_304, lo=1)  # per rank per forward; rest is accumulation
-        self.train_seq_len = i("TRAIN_SEQ_LEN", 2048, lo=2)
+        self.micro_batch_tokens = i("MICRO_BATCH_TOKENS", 0, lo=0)  # per rank per forward; 0 = up to 98,304
         self.warmup_steps = i("WARMUP_STEPS", 5, lo=0)  # compile warm-up on random tokens, then rolled back
         self.lr_warmup_steps = i("LR_WARMUP_STEPS", 20, lo=0)  # linear LR ramp: Adam's first full-size steps spike the loss
         self.warmdown_frac = f("WARMDOWN_FRAC", 0.7, lo=0, hi=1)  # final share of the budget with linear decay
         self.min_lr_frac = f("MIN_LR_FRAC", 0.1, lo=0, hi=1)  # LR multiplier at the end of warmdown
         self.train_log_every = i("TRAIN_LOG_EVERY", 100, lo=1)
         self.val_loss_every = i("VAL_LOSS_EVERY", 0, lo=0)  # 0 = only the final eval
-        # Model shape
-        self.vocab_size = i("VOCAB_SIZE", 1024, lo=2, hi=65536)
-        self.model_dim = i("MODEL_DIM", 512, lo=8)
-        self.num_heads = i("NUM_HEADS", 8, lo=1)
-        self.num_kv_heads = i("NUM_KV_HEADS", 4, lo=1)
-        self.num_flat_layers = i("NUM_FLAT_LAYERS", 4, lo=0)  # unique blocks: first half encoder, rest decoder
-        self.num_crawler_layers = i("NUM_CRAWLER_LAYERS", 1, lo=1)  # shared blocks run once per loop
-        self.crawler_loops = i("CRAWLER_LOOPS", 3, lo=0)  # 0 = plain U-Net GPT of the flat blocks
-        self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
-        self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
-        self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
-        self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
-        self.mlp_leaky_slope = f("MLP_LEAKY_SLOPE", 0.5, lo=0, hi=1)
-        self.rope_base = f("ROPE_BASE", 10000.0, lo=1)
-        self.rope_dims = i("ROPE_DIMS", 16, lo=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
+        # Model shape: checkpoints and artifacts carry these (model_config)
+        with r.shape():
+            self.train_seq_len = i("TRAIN_SEQ_LEN", 2048, lo=2)  # also the default eval window
+            self.vocab_size = i("VOCAB_SIZE", 1024, lo=2, hi=65536)
+            self.model_dim = i("MODEL_DIM", 512, lo=8)
+            self.num_heads = i("NUM_HEADS", 8, lo=1)
+            self.num_kv_heads = i("NUM_KV_HEADS", 4, lo=1)
+            self.num_flat_layers = i("NUM_FLAT_LAYERS", 4, lo=0)  # unique blocks: first half encoder, rest decoder
+            self.num_crawler_layers = i("NUM_CRAWLER_LAYERS", 1, lo=1)  # shared blocks run once per loop
+            self.crawler_loops = i("CRAWLER_LOOPS", 3, lo=0)  # 0 = plain U-Net GPT of the flat blocks
+            self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
+            self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
+            self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
+            self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
+            self.mlp_leaky_slope = f("MLP_LEAKY_SLOPE", 0.5, lo=0, hi=1)
+            self.rope_base = f("ROPE_BASE", 10000.0, lo=1)
+            self.rope_dims = i("ROPE_DIMS", 16, lo=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
+            self.xsa_blocks = s("XSA_BLOCKS", "all")  # all | crawler | none | comma list of unique block indices
+            self.logit_softcap = f("LOGIT_SOFTCAP", 30.0, lo=0)  # 0 = no softcap
+            self.bigram_vocab_size = i("BIGRAM_VOCAB_SIZE", 2048, lo=0)  # hash buckets; 0 = no BigramHash
+            self.bigram_dim = i("BIGRAM_DIM", 128, lo=1)
+            self.smear_gate = b("SMEAR_GATE", True)
+            self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
         self.qk_gain_init = f("QK_GAIN_INIT", 4.0, lo=0)
-        self.xsa_blocks = s("XSA_BLOCKS", "all")  # all | crawler | none | comma list of unique block indices
-        self.logit_softcap = f("LOGIT_SOFTCAP", 30.0, lo=0)  # 0 = no softcap
         self.tied_embed_init_std = f("TIED_EMBED_INIT_STD", 0.005, lo=0)
-        self.bigram_vocab_size = i("BIGRAM_VOCAB_SIZE", 2048, lo=0)  # hash buckets; 0 = no BigramHash
-        self.bigram_dim = i("BIGRAM_DIM", 128, lo=1)
-        self.smear_gate = b("SMEAR_GATE", True)
-        self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
         # Optimizers
         self.matrix_lr = f("MATRIX_LR", 0.03, lo=0)  # Muon, block matrices
         self.embed_lr = f("EMBED_LR", 0.035, lo=0)  # AdamW, tied embedding and bigram table
@@ -174,21 +195,25 @@ class Hyperparameters:
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
         self.save_checkpoint = b("SAVE_CHECKPOINT", True)  # write logs/<RUN_ID>_model.pt (final float weights)
-        self.derived = {k for k in ("eval_seq_len", "eval_stride", "crawler_quant_bits") if not getattr(self, k)}
+        self.model_keys = r.shape_names
+        self.derived = {k for k, _ in self.DERIVED if not getattr(self, k)}
+        self.env = {n: environ[n].strip() for n in sorted(r.names) if environ.get(n, "").strip()}  # for the record
         self.resolve()
         ours = {n.split("_")[0] for n in r.names}
         self.unknown_env = sorted(k for k in environ if k not in r.names and k.split("_")[0] in ours)
 
     def resolve(self):
         """Fills the settings whose default depends on others (0 = derived), then checks the whole."""
-        for k, v in (("eval_seq_len", self.train_seq_len), ("eval_stride", self.eval_seq_len),
-                     ("crawler_quant_bits", self.quant_bits)):
+        for k, source in self.DERIVED:
             if k in self.derived:
-                setattr(self, k, v)
+                setattr(self, k, getattr(self, source))
         self.check()
 
+    def model_config(self):
+        return {k: getattr(self, k) for k in self.model_keys}
+
     def use_model_config(self, config):
-        """The architecture of an artifact replaces the environment's; derived defaults follow it."""
+        """The architecture of a checkpoint or artifact replaces the environment's; derived defaults follow it."""
         for k, v in config.items():
             setattr(self, k, tuple(v) if isinstance(v, list) else v)
         self.resolve()
@@ -202,7 +227,7 @@ class Hyperparameters:
         if self.num_flat_layers + self.crawler_loops == 0:
             raise ConfigError("NUM_FLAT_LAYERS=0 with CRAWLER_LOOPS=0 leaves no blocks; set one of them above 0")
         scales = self.crawler_loop_rope_scales
-        if scales and (len(scales) != self.crawler_loops or min(scales) <= 0):
+        if scales and (len(scales) != self.crawler_loops or not all(0 < s < math.inf for s in scales)):
             raise ConfigError(f"CRAWLER_LOOP_ROPE_SCALES={','.join(map(str, scales))}: give {self.crawler_loops} positive values, one per loop")
         for name in ("eval_only", "export_from"):
             path = getattr(self, name)
@@ -210,6 +235,9 @@ class Hyperparameters:
                 raise ConfigError(f"{name.upper()}={path}: no such file")
         if self.ttt == "sgd" and self.ttt_chunk_tokens % self.train_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.ttt == "lora" and self.ttt_lora_chunk > self.eval_seq_len:
+            raise ConfigError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk}: must be at most EVAL_SEQ_LEN={self.eval_seq_len} "
+                              "(a window scores at most that many targets)")
         if self.eval_stride > self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         self.xsa_flags()
@@ -229,7 +257,126 @@ class Hyperparameters:
         return [j in chosen for j in range(n)]
 
     def as_dict(self):
-        return {k: v for k, v in vars(self).items() if k not in ("unknown_env", "derived")}
+        return {k: v for k, v in vars(self).items() if k not in ("unknown_env", "derived", "env", "model_keys")}
+
+
+# ----------------------------------------------------------------------------------------------------
+# RUN CONTEXT: where this process runs, its log, progress lines for long phases
+
+PROGRESS_SECONDS = 10.0  # long phases log a progress line at most this often
+
+
+class Logger:
+    """Rank 0 prints and appends to logs/<RUN_ID>.txt once `open` named the run; `error` lines go to stderr
+    (from every rank until the run is set up) and to the log."""
+
+    def __init__(self):
+        self.path, self.quiet = None, False
+
+    def open(self, run_id, rank):
+        self.quiet = rank > 0
+        if not self.quiet:
+            os.makedirs("logs", exist_ok=True)
+            self.path = os.path.join("logs", f"{run_id}.txt")
+
+    def __call__(self, msg, stream=None):
+        if not self.quiet:
+            print(msg, file=stream or sys.stdout, flush=True)
+        if self.path:
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(msg + "\n")
+
+    def error(self, msg):
+        self(f"error: {msg}", sys.stderr)
+
+
+@dataclasses.dataclass
+class Run:
+    """This process: rank, world size, device, autocast, log, and a CPU (gloo) group for control messages
+    that must not wait on the GPU."""
+    rank: int = 0
+    world: int = 1
+    device: torch.device = torch.device("cpu")
+    autocast: object = contextlib.nullcontext()
+    log: object = lambda msg: None
+    ctrl: object = None
+
+    @property
+    def is_cuda(self):
+        return self.device.type == "cuda"
+
+    def sync(self):
+        if self.is_cuda:
+            torch.cuda.synchronize(self.device)
+
+    def all_reduce(self, t):
+        if self.world > 1:
+            dist.all_reduce(t)
+        return t
+
+    def agree(self, elapsed_ms, stop, signum):
+        """Rank 0's elapsed time and stop decision, and any rank's interrupt signal, identical on every rank
+        (a CPU all-reduce of max: no GPU sync in the step)."""
+        if self.world == 1:
+            return elapsed_ms, stop, signum
+        mine = [elapsed_ms, float(stop)] if self.rank == 0 else [0.0, 0.0]
+        msg = torch.tensor(mine + [float(signum)], dtype=torch.float64)
+        dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=self.ctrl)
+        return msg[0].item(), bool(msg[1]), int(msg[2])
+
+
+def start_run(h, log):
+    """Process group (NCCL on CUDA, gloo on CPU), device, autocast, and the log of a new RUN_ID."""
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    taken = [p for p in (f"{h.run_id}.txt", f"{h.run_id}_model.pt", f"{h.run_id}_model.ptz", f"{h.run_id}_interrupted.pt")
+             if os.path.exists(os.path.join("logs", p))]
+    if taken:  # checked before any rank writes: a rerun never appends to or overwrites an earlier run
+        raise ConfigError(f"RUN_ID={h.run_id} is taken (logs/{taken[0]} exists); pick a new RUN_ID or leave it unset")
+    device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    ctrl = None
+    if world > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
+        ctrl = dist.new_group(backend="gloo")
+        dist.barrier(group=ctrl)  # every rank has checked RUN_ID before rank 0 creates its log
+    log.open(h.run_id, rank)
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    return Run(rank, world, device, autocast, log, ctrl)
+
+
+class Progress:
+    """`label: done/total unit (pct), rate` at most every PROGRESS_SECONDS, so a long loop never looks hung."""
+
+    def __init__(self, log, label, total, unit):
+        self.log, self.label, self.total, self.unit = log, label, total, unit
+        self.t0 = self.last = time.perf_counter()
+
+    def __call__(self, done):
+        now = time.perf_counter()
+        if now - self.last >= PROGRESS_SECONDS and done < self.total:
+            self.last = now
+            self.log(f"{self.label}: {done:,}/{self.total:,} {self.unit} ({done / self.total:.0%}), "
+                     f"{done / (now - self.t0):,.1f} {self.unit}/s")
+
+
+@contextlib.contextmanager
+def heartbeat(log, label):
+    """Logs `label: still running (Ns)` every PROGRESS_SECONDS from a thread while one long call (compiling,
+    compressing) runs."""
+    done, t0 = threading.Event(), time.perf_counter()
+
+    def beat():
+        while not done.wait(PROGRESS_SECONDS):
+            log(f"{label}: still running ({time.perf_counter() - t0:.0f}s)")
+
+    thread = threading.Thread(target=beat, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -253,12 +400,22 @@ def open_shard(path):
 
 
 def shard_paths(data_path, split):
+    """fineweb_{split}_NNNNNN.bin exactly: sidecars such as fineweb_val_bytes_000000.bin are not shards."""
     if not os.path.isdir(data_path):
         raise ConfigError(f"DATA_PATH={data_path}: no such folder; {FETCH_HINT}")
-    paths = sorted(glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin")))
+    paths = sorted(p for p in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
+                   if re.fullmatch(rf"fineweb_{split}_\d{{6}}\.bin", os.path.basename(p)))
     if not paths:
-        raise ConfigError(f"DATA_PATH={data_path}: no fineweb_{split}_*.bin shards; {FETCH_HINT}")
+        raise ConfigError(f"DATA_PATH={data_path}: no fineweb_{split}_NNNNNN.bin shards; {FETCH_HINT}")
     return paths
+
+
+def check_token_ids(path, tokens, vocab_size):
+    """Stops at start-up, not mid-run, when a shard holds ids the embedding cannot take."""
+    top = int(tokens.max()) if len(tokens) else 0
+    if top >= vocab_size:
+        raise ConfigError(f"{path}: token id {top} >= VOCAB_SIZE={vocab_size}; these shards come from a larger "
+                          "tokenizer: set VOCAB_SIZE and TOKENIZER_PATH to the ones they were made with")
 
 
 class TrainLoader:
@@ -306,8 +463,12 @@ class TrainLoader:
             yield buf[:, :-1], buf[:, 1:]
 
 
-def load_val_tokens(data_path):
-    return np.concatenate([open_shard(p) for p in shard_paths(data_path, "val")])
+def load_val_tokens(data_path, vocab_size=65536):
+    paths = shard_paths(data_path, "val")
+    shards = [open_shard(p) for p in paths]
+    for p, s in zip(paths, shards):
+        check_token_ids(p, s, vocab_size)
+    return np.concatenate(shards)
 
 
 def byte_luts(sp, vocab_size):
@@ -532,7 +693,7 @@ class GPT(nn.Module):
     def __init__(self, h):
         super().__init__()
         n_flat, n_crawl = h.num_flat_layers, h.num_crawler_layers if h.crawler_loops else 0
-        d, P = h.model_dim, None
+        d = h.model_dim
         xsa = h.xsa_flags()
         self.blocks = nn.ModuleList([Block(h, h.mlp_mult, xsa[j]) for j in range(n_flat)] +
                                     [Block(h, h.crawler_mlp_mult, xsa[n_flat + c]) for c in range(n_crawl)])
@@ -560,11 +721,16 @@ class GPT(nn.Module):
         tables = [rotary_tables(h.rope_dims, length, h.rope_base, s) for s in scales]
         self.register_buffer("rope_cos", torch.stack([c for c, _ in tables]), persistent=False)
         self.register_buffer("rope_sin", torch.stack([s for _, s in tables]), persistent=False)
+        self.crawler_ids = sorted({j for j, role, _ in self.schedule if role == "mid"})
         self._init_weights(h.tied_embed_init_std)
-        if h.crawler_qat:
-            for m in self.blocks[n_flat:].modules():
+
+    def set_qat(self, bits):
+        """Fake-quantizes the crawler's matrices at `bits` in the forward (0 = off). Training only: the
+        evaluations score exactly the weights they are given."""
+        for j in self.crawler_ids:
+            for m in self.blocks[j].modules():
                 if isinstance(m, CastedLinear):
-                    m.qat_bits = h.crawler_quant_bits
+                    m.qat_bits = bits
 
     def _init_weights(self, embed_std):
         nn.init.normal_(self.tok_emb.weight, std=embed_std)
@@ -678,11 +844,11 @@ def check_param_groups(model, groups):
         f"optimizer groups: missing {[names[i] for i in missing]}, {dup} duplicated")
 
 
-def build_optimizers(model, h, rank, world, zeropower):
+def build_optimizers(model, h, run, zeropower):
     matrices, embeds, scalars = param_groups(model)
     check_param_groups(model, (matrices, embeds, scalars))
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=next(model.parameters()).is_cuda)
-    opts = [Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, rank, world, zeropower),
+    opts = [Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, run.rank, run.world, zeropower),
             torch.optim.AdamW([dict(params=embeds, lr=h.embed_lr, weight_decay=h.embed_wd),
                                dict(params=scalars, lr=h.scalar_lr, weight_decay=h.scalar_wd)], **adam)]
     for opt in opts:
@@ -691,14 +857,16 @@ def build_optimizers(model, h, rank, world, zeropower):
     return opts
 
 
-def lr_multiplier(step, progress, h):
-    """Linear warmup over LR_WARMUP_STEPS, constant, then linear decay to MIN_LR_FRAC over the final
-    WARMDOWN_FRAC of the budget (progress in [0, 1] of wall clock, or of ITERATIONS without a cap)."""
-    warm = min(1.0, (step + 1) / h.lr_warmup_steps) if h.lr_warmup_steps else 1.0
+def schedule(step, progress, h):
+    """(LR multiplier, Muon momentum) for `step` at `progress` in [0, 1] of the budget (wall clock, or
+    ITERATIONS without a cap). LR: linear warmup over LR_WARMUP_STEPS, constant, then linear decay to
+    MIN_LR_FRAC over the final WARMDOWN_FRAC. Momentum: linear ramp over MUON_MOMENTUM_WARMUP_STEPS."""
+    lr = min(1.0, (step + 1) / h.lr_warmup_steps) if h.lr_warmup_steps else 1.0
     left = 1.0 - progress
     if h.warmdown_frac and left < h.warmdown_frac:
-        return warm * (h.min_lr_frac + (1 - h.min_lr_frac) * max(left, 0.0) / h.warmdown_frac)
-    return warm
+        lr *= h.min_lr_frac + (1 - h.min_lr_frac) * max(left, 0.0) / h.warmdown_frac
+    frac = min(1.0, step / h.muon_momentum_warmup_steps) if h.muon_momentum_warmup_steps else 1.0
+    return lr, (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
 
 
 class EMA:
@@ -722,6 +890,16 @@ class EMA:
             p.copy_(s)
 
 
+@contextlib.contextmanager
+def rolled_back(model, opts):
+    """Restores model and optimizer state exactly on exit (compile warm-ups leave no trace)."""
+    saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
+    yield
+    model.load_state_dict(saved[0])
+    for opt, state in zip(opts, saved[1]):
+        opt.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------------------------------
 # QUANTIZATION AND ARTIFACT: per-row symmetric ints for every matrix, fp16 for the small tensors
 
@@ -733,10 +911,10 @@ def qmax(bits):
 def row_scales(W, bits, sdclip_k=0.0, fracs=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7)):
     """Per-row step [rows, 1]: clip = k * row std when k > 0, else the fraction of the row's max |w|
     that minimises that row's round-to-nearest error."""
-    W = W.float()
+    W, tiny = W.float(), 2.0 ** -24  # the smallest fp16 step: an all-zero row's step must not round to 0
     if sdclip_k:
-        return (sdclip_k * W.std(1, keepdim=True)).clamp_min(1e-12) / qmax(bits)
-    amax = W.abs().amax(1, keepdim=True).clamp_min(1e-12)
+        return (sdclip_k * W.std(1, keepdim=True) / qmax(bits)).clamp_min(tiny)
+    amax = W.abs().amax(1, keepdim=True).clamp_min(tiny)
     best, best_err = None, None
     for frac in fracs:
         step = amax * frac / qmax(bits)
@@ -744,7 +922,7 @@ def row_scales(W, bits, sdclip_k=0.0, fracs=(1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.
         better = err < best_err if best is not None else torch.ones_like(err, dtype=torch.bool)
         best = torch.where(better, step, best) if best is not None else step
         best_err = torch.where(better, err, best_err) if best_err is not None else err
-    return best
+    return best.clamp_min(tiny)
 
 
 def quantize_rtn(W, step, bits):
@@ -779,7 +957,7 @@ class StopForward(Exception):
     """Raised by a calibration hook once every target layer has seen its inputs."""
 
 
-def collect_hessians(model, names, batches, autocast, world):
+def collect_hessians(model, names, batches, run):
     """H = sum of x^T x over every input row each named CastedLinear sees on the calibration batches
     (a shared block contributes once per application), summed across ranks. Each forward stops after
     the last application of the last target."""
@@ -800,7 +978,7 @@ def collect_hessians(model, names, batches, autocast, world):
 
     handles = [mods[n].register_forward_pre_hook(hook(n)) for n in names]
     try:
-        with torch.no_grad(), autocast:
+        with torch.no_grad(), run.autocast:
             for x, y in batches:
                 seen.clear()
                 with contextlib.suppress(StopForward):
@@ -808,9 +986,8 @@ def collect_hessians(model, names, batches, autocast, world):
     finally:
         for handle in handles:
             handle.remove()
-    if world > 1:
-        for n in names:
-            dist.all_reduce(H[n])
+    for n in names:
+        run.all_reduce(H[n])
     return H
 
 
@@ -828,41 +1005,65 @@ def input_groups(model):
     return groups
 
 
-def quantize_model(model, h, batches, autocast, world):
-    """Quantizes every CastedLinear weight (QUANT_METHOD) and the embedding tables (round to nearest);
-    small tensors stay float. Leaves the model's matrices at their dequantized values. Returns
-    {name: (levels int8, step fp16, bits) or fp16 tensor}, keyed by state_dict name."""
+@dataclasses.dataclass
+class ExportPlan:
+    """The export, decided once: `rounds` of (CastedLinear names, whether their Hessians are collected first,
+    on the model as quantized so far), the bits of every quantized tensor, and the seconds training leaves
+    for calibration."""
+    rounds: list
+    bits: dict
+    reserve_s: float
+
+    @property
+    def calibrate(self):
+        return any(hessian for _, hessian in self.rounds)
+
+
+def export_plan(h, model):
+    mods = dict(model.named_modules())
+    linear = [n for n, m in mods.items() if isinstance(m, CastedLinear)]
+    crawler = tuple(f"blocks.{j}." for j in model.crawler_ids)
+    bits = {n + ".weight": h.crawler_quant_bits if n.startswith(crawler) else h.quant_bits for n in linear}
+    bits.update({n + ".weight": h.embed_quant_bits for n, m in mods.items() if isinstance(m, nn.Embedding)})
+    if h.quant_method == "rtn":
+        rounds = [(linear, False)]
+    elif h.quant_method == "gptq":  # one Hessian pass on the float model
+        rounds = [(linear, True)]
+    else:  # sequential: each group's inputs come from the quantized layers before it; the crawler is
+        rounds = []  # quantized again (from its floats) once its own quantized loops produce its inputs
+        for is_crawler, segment in itertools.groupby(input_groups(model), key=lambda g: g[1]):
+            segment = [names for names, _ in segment]
+            rounds += [(names, True) for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)) for names in segment]
+    plan = ExportPlan(rounds, bits, 0.0)
+    plan.reserve_s = h.gptq_reserve_seconds if plan.calibrate else 0.0
+    return plan
+
+
+def quantize_model(model, plan, h, batches, run):
+    """Quantizes every CastedLinear weight along `plan` and the embedding tables (round to nearest); small
+    tensors stay fp16. Leaves the model's matrices at their dequantized values. Returns {state_dict name:
+    (levels int8, step fp16, bits) or fp16 tensor}."""
     mods = dict(model.named_modules())
     floats = {n: m.weight.detach().float().clone() for n, m in mods.items() if isinstance(m, CastedLinear)}
-    crawler = {f"blocks.{j}." for j, role, _ in model.schedule if role == "mid"}
-    bits_of = lambda n: h.crawler_quant_bits if any(n.startswith(c) for c in crawler) else h.quant_bits
-    out = {}
-
-    def quantize(names, H):
+    out, progress = {}, Progress(run.log, "quantize", len(plan.rounds), "rounds")
+    for r, (names, hessian) in enumerate(plan.rounds):
+        H = collect_hessians(model, names, batches, run) if hessian else None
         for n in names:
-            bits, W = bits_of(n), floats[n]
+            bits, W = plan.bits[n + ".weight"], floats[n]
             step = row_scales(W, bits, h.gptq_sdclip_k).half().float()  # the step the artifact will hold
             q = quantize_gptq(W, H[n], step, bits, h.gptq_damp) if H else quantize_rtn(W, step, bits)
             out[n + ".weight"] = (q.to(torch.int8).cpu(), step.half().cpu(), bits)
             with torch.no_grad():
                 mods[n].weight.copy_(q * step)
-
-    if h.quant_method == "rtn":
-        quantize(list(floats), None)
-    elif h.quant_method == "gptq":  # one Hessian pass on the float model
-        quantize(list(floats), collect_hessians(model, list(floats), batches, autocast, world))
-    else:  # sequential: each group's inputs come from the already quantized layers before it; the
-        for is_crawler, segment in itertools.groupby(input_groups(model), key=lambda g: g[1]):  # crawler
-            segment = [names for names, _ in segment]                          # again once its quantized
-            for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)):     # loops produce its inputs
-                for names in segment:
-                    quantize(names, collect_hessians(model, names, batches, autocast, world))
+        progress(r + 1)
     for name, p in model.named_parameters():
-        if name not in out and isinstance(mods.get(name.rsplit(".", 1)[0]), nn.Embedding):
-            step = row_scales(p.detach(), h.embed_quant_bits).half().float()
-            q = quantize_rtn(p.detach(), step, h.embed_quant_bits)
-            out[name] = (q.to(torch.int8).cpu(), step.half().cpu(), h.embed_quant_bits)
-        elif name not in out:
+        if name in out:
+            continue
+        if name in plan.bits:  # embedding tables
+            bits = plan.bits[name]
+            step = row_scales(p.detach(), bits).half().float()
+            out[name] = (quantize_rtn(p.detach(), step, bits).to(torch.int8).cpu(), step.half().cpu(), bits)
+        else:
             out[name] = p.detach().half().cpu()
     return out
 
@@ -894,10 +1095,6 @@ def unshuffle_bytes(buf, width):
 
 
 ARTIFACT_MAGIC = b"PGCRAWL1"
-MODEL_KEYS = ("vocab_size", "model_dim", "num_heads", "num_kv_heads", "num_flat_layers", "num_crawler_layers",
-              "crawler_loops", "crawler_loop_rope_scales", "mlp_mult", "crawler_mlp_mult", "mlp_act",
-              "mlp_leaky_slope", "rope_base", "rope_dims", "xsa_blocks", "logit_softcap", "bigram_vocab_size",
-              "bigram_dim", "smear_gate", "ln_scale", "train_seq_len")
 
 
 def serialize(qstate, config):
@@ -967,7 +1164,8 @@ def write_artifact(path, qstate, config, method):
 def read_artifact(path):
     raw = open(path, "rb").read()
     if not raw.startswith(ARTIFACT_MAGIC):
-        raise ConfigError(f"{path}: not an artifact written by this script (bad magic)")
+        raise ConfigError(f"{path}: not an artifact written by this script (bad magic); for a float checkpoint "
+                          "(logs/<RUN_ID>_model.pt) use EXPORT_FROM")
     name = raw[8:16].rstrip(b"\0").decode()
     try:
         if name == "zstd":
@@ -983,6 +1181,41 @@ def read_artifact(path):
         raise ConfigError(f"{path}: corrupt or truncated artifact ({type(e).__name__}: {e}); re-export it") from None
 
 
+def float_checkpoint(h, model):
+    """What logs/<RUN_ID>_model.pt and _interrupted.pt hold: the model shape and the float weights."""
+    return {"config": h.model_config(), "model": {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}}
+
+
+def load_checkpoint(path):
+    """(model config, or None for the bare weights an older run saved; weights) of a float checkpoint."""
+    with open(path, "rb") as fh:
+        if fh.read(len(ARTIFACT_MAGIC)) == ARTIFACT_MAGIC:
+            raise ConfigError(f"EXPORT_FROM={path} is an artifact, not a float checkpoint: evaluate it with EVAL_ONLY={path}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ConfigError(f"EXPORT_FROM={path}: unreadable checkpoint ({type(e).__name__}), truncated or not written by "
+                          "this script; use logs/<RUN_ID>_model.pt or logs/<RUN_ID>_interrupted.pt") from None
+    if isinstance(ckpt, dict) and set(ckpt) == {"config", "model"}:
+        return ckpt["config"], ckpt["model"]
+    if isinstance(ckpt, dict) and ckpt and all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        return None, ckpt
+    raise ConfigError(f"EXPORT_FROM={path}: not a checkpoint of this script (no model weights in it)")
+
+
+def load_weights(model, state, source):
+    """load_state_dict, with one clear line when the weights belong to another model shape."""
+    ours = model.state_dict()
+    bad = sorted(set(ours) ^ set(state)) or [k for k in ours if ours[k].shape != state[k].shape]
+    if bad:
+        k = bad[0]
+        what = (f"{k} is {tuple(state[k].shape)}, this model's {tuple(ours[k].shape)}" if k in ours and k in state
+                else f"{k} {'missing' if k in ours else 'unexpected'}")
+        raise ConfigError(f"{source} does not fit this model ({what}; {len(bad)} tensors differ): "
+                          "set the shape variables it was trained with")
+    model.load_state_dict(state)
+
+
 # ----------------------------------------------------------------------------------------------------
 # EVALUATION: every val target scored exactly once; optional score-first test-time training
 
@@ -991,6 +1224,8 @@ def eval_windows(a, b, lo, L, stride):
     """(start, first scored offset, length) of windows scoring each target position in [a, b) once. Near
     `lo` (stream, document or context floor) one window from `lo` scores everything it can see; after
     that each window scores `stride` positions with L - stride or more tokens of context."""
+    if not 0 < stride <= L:
+        raise ValueError(f"window stride {stride} cannot cover the targets: it must be between 1 and {L}")
     wins, p = [], a
     while p < b:
         end = min(lo + L, b) if p - lo < L else min(p + stride, b)
@@ -1017,47 +1252,65 @@ def window_plan(tokens, L, stride, isolate, chunk=0):
     return plan
 
 
-def score_windows(model, tokens, wins, luts, batch, device, autocast):
-    """float64 [nll, tokens, bytes] over the scored positions of `wins`."""
-    sums = torch.zeros(3, dtype=torch.float64, device=device)
+def window_rows(tokens, wins, rows, length, device):
+    """Token rows x [rows, length + 1] and the mask of scored targets [rows, length] for windows
+    (start, first scored offset, length); rows past the windows stay padding."""
+    x = np.zeros((rows, length + 1), np.int64)
+    mask = np.zeros((rows, length), bool)
+    for r, (ws, first, n) in enumerate(wins):
+        x[r, :n + 1] = tokens[ws:ws + n + 1]
+        mask[r, first:n] = True
+    return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+
+
+def score_rows(model, x, mask, luts, autocast):
+    """Per-token NLL of the rows x, and float64 per-row sums [rows, (nll, tokens, bytes)] of the masked targets."""
+    with autocast:
+        nll = model(x[:, :-1], x[:, 1:])
+    nbytes = token_bytes(x[:, 1:], x[:, :-1], luts)
+    return nll, torch.stack([(nll.detach().double() * mask).sum(1), mask.sum(1).double(),
+                             (nbytes * mask).sum(1).double()], 1)
+
+
+def score_windows(model, tokens, wins, luts, batch, run, progress=None):
+    """float64 [nll, tokens, bytes] over the scored positions of `wins`, `batch` windows per forward."""
+    sums, done = torch.zeros(3, dtype=torch.float64, device=run.device), 0
     L = max((n for _, _, n in wins), default=1)
     for i in range(0, len(wins), batch):
-        x = np.zeros((batch, L + 1), np.int64)
-        mask = np.zeros((batch, L), bool)
-        for r, (ws, first, n) in enumerate(wins[i:i + batch]):
-            x[r, :n + 1] = tokens[ws:ws + n + 1]
-            mask[r, first:n] = True
-        x, mask = torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
-        with torch.no_grad(), autocast:
-            nll = model(x[:, :-1], x[:, 1:])
-        nbytes = token_bytes(x[:, 1:], x[:, :-1], luts)
-        sums += torch.stack([(nll.double() * mask).sum(), mask.sum().double(), (nbytes * mask).sum().double()])
+        x, mask = window_rows(tokens, wins[i:i + batch], batch, L, run.device)
+        with torch.no_grad():
+            sums += score_rows(model, x, mask, luts, run.autocast)[1].sum(0)
+        if progress:
+            done += sum(n - first for _, first, n in wins[i:i + batch])
+            progress(done)
     return sums
 
 
-def as_metrics(sums):
+def as_metrics(sums, tokens):
+    """val_loss (nats/token) and val_bpb; a count short of the val targets is an error, never a score."""
     nll, n_tok, n_bytes = sums.tolist()
+    if int(n_tok) != len(tokens) - 1:
+        raise ConfigError(f"scored {int(n_tok):,} of {len(tokens) - 1:,} val targets: these evaluation settings skip tokens")
     return dict(val_loss=nll / n_tok, val_bpb=nll / math.log(2) / n_bytes, val_tokens=int(n_tok), val_bytes=int(n_bytes))
 
 
-def score_across_ranks(model, tokens, wins, luts, h, rank, world, device, autocast):
-    """Each rank scores its share of `wins` in eval mode; the float64 sums are all-reduced."""
+def score_across_ranks(model, tokens, wins, luts, h, run, label=None):
+    """Each rank scores its share of `wins` in eval mode (progress lines under `label`); sums all-reduced."""
     model.eval()
-    sums = score_windows(model, tokens, wins[rank * len(wins) // world:(rank + 1) * len(wins) // world], luts,
-                         h.eval_batch_seqs, device, autocast)
+    mine = wins[run.rank * len(wins) // run.world:(run.rank + 1) * len(wins) // run.world]
+    progress = Progress(run.log, label, sum(n - first for _, first, n in mine), "tokens") if label else None
+    sums = score_windows(model, tokens, mine, luts, h.eval_batch_seqs, run, progress)
     model.train()
-    if world > 1:
-        dist.all_reduce(sums)
-    return sums
+    return run.all_reduce(sums)
 
 
-def evaluate(model, tokens, luts, h, rank, world, device, autocast, stride=None):
-    """val_loss (nats/token) and val_bpb over all val targets; `luts` on `device`."""
+def evaluate(model, tokens, luts, h, run, stride=None, label="eval"):
+    """val_loss (nats/token) and val_bpb over all val targets; `luts` on the run's device."""
     wins = window_plan(tokens, h.eval_seq_len, stride or h.eval_seq_len, h.eval_doc_isolation)[0][2]
-    return as_metrics(score_across_ranks(model, tokens, wins, luts, h, rank, world, device, autocast))
+    return as_metrics(score_across_ranks(model, tokens, wins, luts, h, run, label), tokens)
 
 
-def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
+def ttt_sgd(model, runner, tokens, luts, h, run):
     """Score-first TTT of the whole model: chunk c is scored first (those scores count), then the model
     takes TTT_EPOCHS SGD passes over chunk c's tokens, which are all already scored, before chunk c+1.
     Returns (metrics, {first target position: sums} per chunk)."""
@@ -1070,16 +1323,15 @@ def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
             g["lr"] = lr
         for _ in range(h.ttt_epochs):
             for i in range(0, len(seqs), h.ttt_batch_seqs):
-                rows = seqs[i:i + h.ttt_batch_seqs][rank::world]
+                rows = seqs[i:i + h.ttt_batch_seqs][run.rank::run.world]
                 if len(rows):
-                    with autocast:
+                    with run.autocast:
                         loss = runner(rows[:, :-1], rows[:, 1:]).sum() / (min(h.ttt_batch_seqs, len(seqs) - i) * L)
                     loss.backward()
                 for p in params:
                     if p.grad is None:
                         p.grad = torch.zeros_like(p)
-                    if world > 1:
-                        dist.all_reduce(p.grad)
+                    run.all_reduce(p.grad)
                 nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
                 opt.step()
                 opt.zero_grad(set_to_none=False)
@@ -1087,19 +1339,21 @@ def ttt_sgd(model, runner, tokens, luts, h, rank, world, device, autocast, log):
     t_warm = time.perf_counter()
     if h.compile and h.warmup_steps:  # compile the training graph on random tokens, then undo it
         with rolled_back(model, [opt]):
-            adapt(torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, L + 1), device=device), 0.0)
+            adapt(torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, L + 1), device=run.device), 0.0)
     chunk_sums, t0, done = {}, time.perf_counter(), 0
+    progress = Progress(run.log, "ttt", len(tokens) - 1, "tokens")
     for c, (c0, c1, wins) in enumerate(plan):
-        chunk_sums[c0] = score_across_ranks(runner, tokens, wins, luts, h, rank, world, device, autocast)
+        chunk_sums[c0] = score_across_ranks(runner, tokens, wins, luts, h, run)
         if c + 1 < len(plan):  # the last chunk has nothing left to help
-            span = torch.from_numpy(tokens[c0:c1 + 1].astype(np.int64)).to(device)
+            span = torch.from_numpy(tokens[c0:c1 + 1].astype(np.int64)).to(run.device)
             seqs = span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L).contiguous()  # as compiled: contiguous
             adapt(seqs, h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(plan) - 1, 1))))
-        done = project_eval_time(log, t0, done, c1 - c0, plan[-1][1], h, spent=t0 - t_warm)
-    return as_metrics(sum(chunk_sums.values())), chunk_sums
+        done = project_eval_time(run.log, t0, done, c1 - c0, plan[-1][1], h, spent=t0 - t_warm)
+        progress(done)
+    return as_metrics(sum(chunk_sums.values()), tokens), chunk_sums
 
 
-def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
+def ttt_lora(model, tokens, luts, h, run):
     """Score-first per-document LoRA TTT: every document gets fresh rank-TTT_LORA_RANK adapters on the
     attention projections and the head; its chunks of TTT_LORA_CHUNK tokens are scored in order, each
     with the adapters trained on the document's earlier chunks only. Documents run batched, one adapter
@@ -1108,14 +1362,15 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
     n, L, C, r = len(tokens) - 1, h.eval_seq_len, h.ttt_lora_chunk, h.ttt_lora_rank
     starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
     docs = [(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a]
-    docs = sorted(docs, key=lambda d: d[1] - d[0])[rank::world]  # similar lengths batch well
+    docs = sorted(docs, key=lambda d: d[1] - d[0])[run.rank::run.world]  # similar lengths batch well
     lin = [m for name, m in model.named_modules() if isinstance(m, CastedLinear) and ".attn." in name]
     gen = torch.Generator().manual_seed(h.seed)  # every document starts from the same adapters
-    inits = [torch.randn(r, n_in, generator=gen).to(device) / math.sqrt(n_in)
+    inits = [torch.randn(r, n_in, generator=gen).to(run.device) / math.sqrt(n_in)
              for n_in in [m.in_features for m in lin] + [h.model_dim]]
     for p in model.parameters():
         p.requires_grad_(False)
     parts, t0, done = {}, time.perf_counter(), 0
+    progress = Progress(run.log, "ttt", n, "tokens")
     try:
         for i in range(0, len(docs), h.ttt_lora_docs):
             batch = docs[i:i + h.ttt_lora_docs]
@@ -1123,7 +1378,7 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
             for m, A0 in zip(lin + [None], inits):
                 n_out = h.vocab_size if m is None else m.out_features
                 A = A0.expand(len(batch), -1, -1).clone().requires_grad_()
-                B = torch.zeros(len(batch), n_out, r, device=device, requires_grad=True)
+                B = torch.zeros(len(batch), n_out, r, device=run.device, requires_grad=True)
                 adapters.append((A, B))
                 if m is None:
                     model.head_lora = (A, B)
@@ -1132,36 +1387,28 @@ def ttt_lora(model, tokens, luts, h, rank, world, device, autocast, log):
             opt = torch.optim.Adam([t for ab in adapters for t in ab], lr=h.ttt_lora_lr)
             longest = max(b - a for a, b in batch)
             for k in range(0, longest, C):
-                ends = [min(a + k + C, b) for a, b in batch]
-                wstart = [max(a, e - L) for (a, _), e in zip(batch, ends)]
-                W = max(e - s for s, e in zip(wstart, ends))
-                x = np.zeros((len(batch), W + 1), np.int64)
-                mask = np.zeros((len(batch), W), bool)
-                for row, ((a, b), s, e) in enumerate(zip(batch, wstart, ends)):
-                    x[row, :e - s + 1] = tokens[s:e + 1]
-                    mask[row, min(a + k, e) - s:e - s] = True
-                x, mask = torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
-                with autocast:
-                    nll = model(x[:, :-1], x[:, 1:])
-                nbytes = token_bytes(x[:, 1:], x[:, :-1], luts)
-                rows = torch.stack([(nll.detach().double() * mask).sum(1), mask.sum(1).double(),
-                                    (nbytes * mask).sum(1).double()], 1)  # scored before the update below
+                wins = []  # per document: the window ending at its chunk's last target, scoring that chunk
+                for a, b in batch:
+                    e = min(a + k + C, b)
+                    ws = max(a, e - L)
+                    wins.append((ws, min(a + k, e) - ws, e - ws))
+                x, mask = window_rows(tokens, wins, len(batch), max(w for _, _, w in wins), run.device)
+                nll, rows = score_rows(model, x, mask, luts, run.autocast)  # scored before the update below
                 parts.update({a + k: row for (a, b), row in zip(batch, rows) if a + k < b})
                 if k + C < longest:
                     opt.zero_grad()
                     ((nll * mask).sum() / C).backward()
                     opt.step()
-            done = project_eval_time(log, t0, done, sum(b - a for a, b in batch) * world, n, h)
+            done = project_eval_time(run.log, t0, done, sum(b - a for a, b in batch) * run.world, n, h)  # all ranks
+            progress(done)
     finally:
         model.head_lora = None
         for m in lin:
             m.lora = None
         for p in model.parameters():
             p.requires_grad_(True)
-    sums = sum(parts.values(), torch.zeros(3, dtype=torch.float64, device=device))
-    if world > 1:
-        dist.all_reduce(sums)
-    return as_metrics(sums), parts
+    sums = sum(parts.values(), torch.zeros(3, dtype=torch.float64, device=run.device))
+    return as_metrics(run.all_reduce(sums), tokens), parts
 
 
 def project_eval_time(log, t0, done, new, total, h, spent=0.0):
@@ -1182,19 +1429,10 @@ def project_eval_time(log, t0, done, new, total, h, spent=0.0):
 # TRAINING
 
 
-class Logger:
-    """Prints on rank 0 and appends to logs/<RUN_ID>.txt."""
-
-    def __init__(self, run_id, active):
-        self.active, self.path = active, os.path.join("logs", f"{run_id}.txt")
-        if active:
-            os.makedirs("logs", exist_ok=True)
-
-    def __call__(self, msg):
-        if self.active:
-            print(msg, flush=True)
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(msg + "\n")
+def compile_stats():
+    """(graphs compiled, graph breaks) so far, from dynamo's counters."""
+    counters = torch._dynamo.utils.counters
+    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
 
 
 class Trainer:
@@ -1204,18 +1442,17 @@ class Trainer:
         self.model, self.runner, self.opts, self.h = model, runner, opts, h
         self.accum, self.autocast, self.ema = accum, autocast, None
 
-    def step(self, batches, lr_mult, step):
-        h, total = self.h, None
+    def step(self, batches, lr_mult, momentum):
+        total = None
         for m, (x, y) in enumerate(batches):
             sync = m == self.accum - 1 or not isinstance(self.runner, DDP)
             with (contextlib.nullcontext() if sync else self.runner.no_sync()), self.autocast:
                 loss = self.runner(x, y).mean() / self.accum
             loss.backward()
             total = loss.detach() if total is None else total + loss.detach()
-        if h.grad_clip_norm:
-            nn.utils.clip_grad_norm_(self.model.parameters(), h.grad_clip_norm)
-        frac = min(1.0, step / h.muon_momentum_warmup_steps) if h.muon_momentum_warmup_steps else 1.0
-        self.opts[0].param_groups[0]["momentum"] = (1 - frac) * h.muon_momentum_warmup_start + frac * h.muon_momentum
+        if self.h.grad_clip_norm:
+            nn.utils.clip_grad_norm_(self.model.parameters(), self.h.grad_clip_norm)
+        self.opts[0].param_groups[0]["momentum"] = momentum
         for opt in self.opts:
             for g in opt.param_groups:
                 g["lr"] = g["base_lr"] * lr_mult
@@ -1234,17 +1471,7 @@ class Trainer:
         with rolled_back(self.model, self.opts):
             for s in range(steps):
                 toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
-                self.step([(t[:, :-1], t[:, 1:]) for t in toks], 1.0, s)
-
-
-@contextlib.contextmanager
-def rolled_back(model, opts):
-    """Restores model and optimizer state exactly on exit (compile warm-ups leave no trace)."""
-    saved = copy.deepcopy(model.state_dict()), [copy.deepcopy(o.state_dict()) for o in opts]
-    yield
-    model.load_state_dict(saved[0])
-    for opt, state in zip(opts, saved[1]):
-        opt.load_state_dict(state)
+                self.step([(t[:, :-1], t[:, 1:]) for t in toks], *schedule(s, 0.0, self.h))
 
 
 def save_atomic(obj, path):
@@ -1253,226 +1480,328 @@ def save_atomic(obj, path):
     os.replace(path + ".tmp", path)
 
 
-def setup_distributed():
-    """(rank, world, device) from torchrun's environment; NCCL on CUDA, gloo on CPU."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    local = int(os.environ.get("LOCAL_RANK", 0))
-    device = torch.device("cuda", local) if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cuda":
-        torch.cuda.set_device(device)
-    if world > 1:
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
-    return rank, world, device
-
-
 def batch_layout(h, world):
-    """(sequences per micro-batch, accumulation steps) that keep TRAIN_BATCH_TOKENS global."""
-    L, micro = h.train_seq_len, h.micro_batch_tokens
-    if micro % L or h.train_batch_tokens % (micro * world):
-        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must split into {world} ranks x MICRO_BATCH_TOKENS={micro}"
-                          f" x accumulation steps, and MICRO_BATCH_TOKENS into TRAIN_SEQ_LEN={L} sequences")
+    """(sequences per micro-batch, accumulation steps) that keep TRAIN_BATCH_TOKENS global. MICRO_BATCH_TOKENS=0
+    takes the largest whole-sequence micro-batch of at most 98,304 tokens that divides each rank's share."""
+    L, share = h.train_seq_len, h.train_batch_tokens // world
+    micro = h.micro_batch_tokens or next((k * L for k in range(min(98_304, share) // L, 0, -1) if share % (k * L) == 0), 0)
+    if not micro or micro % L or h.train_batch_tokens % (micro * world):
+        raise ConfigError(f"TRAIN_BATCH_TOKENS={h.train_batch_tokens} must split into {world} ranks x MICRO_BATCH_TOKENS="
+                          f"{micro} x accumulation steps, and MICRO_BATCH_TOKENS into TRAIN_SEQ_LEN={L} sequences")
     return micro // L, h.train_batch_tokens // (micro * world)
 
 
-def train(h, model, compiled, rank, world, device, autocast, log, run_eval):
-    """Compile warm-up, then the timed loop until MAX_WALLCLOCK_SECONDS (less the calibration reserve) or
-    ITERATIONS. Returns (steps, training ms, EMA or None, loader)."""
-    is_cuda = device.type == "cuda"
-    micro_seqs, accum = batch_layout(h, world)
+def train_loader(h, run):
     paths = shard_paths(h.data_path, "train")
-    loader = TrainLoader(paths, h.train_seq_len, h.seed, rank, world, device)
-    log(f"data: {len(paths)} train shards, {sum(len(s) for s in loader.shards):,} train tokens | "
-        f"step = {world} ranks x {accum} x {micro_seqs} x {h.train_seq_len} tokens")
+    loader = TrainLoader(paths, h.train_seq_len, h.seed, run.rank, run.world, run.device)
+    check_token_ids(paths[0], loader.shards[0], h.vocab_size)
+    run.log(f"data: {len(paths)} train shards, {sum(len(s) for s in loader.shards):,} train tokens")
+    return loader
+
+
+@contextlib.contextmanager
+def deferred_signals():
+    """While training, SIGINT/SIGTERM only note the signal: the loop stops every rank after the same step and
+    the weights are saved (torchrun forwards the signal to every rank, then waits 30 s)."""
+    got = []
+    old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield got
+    finally:
+        for s, handler in old.items():
+            signal.signal(s, handler)
+
+
+Trained = collections.namedtuple("Trained", "steps train_ms ema loader signum", defaults=(0,))  # signum: what interrupted
+
+
+def train(h, run, model, compiled, val, plan):
+    """Compile warm-up, then the timed loop until MAX_WALLCLOCK_SECONDS (less the calibration reserve),
+    ITERATIONS or an interrupt. Rank 0's clock decides the elapsed time, hence LR and stop, for every rank."""
+    micro_seqs, accum = batch_layout(h, run.world)
+    loader = train_loader(h, run)
+    run.log(f"step = {run.world} ranks x {accum} x {micro_seqs} x {h.train_seq_len} tokens")
     zeropower = torch.compile(newton_schulz, dynamic=False) if h.compile else newton_schulz
-    runner = DDP(compiled, device_ids=[device.index] if is_cuda else None, broadcast_buffers=False) if world > 1 else compiled
-    trainer = Trainer(model, runner, build_optimizers(model, h, rank, world, zeropower), h, accum, autocast)
-    ctrl = dist.new_group(backend="gloo") if world > 1 else None  # stop flag travels on CPU: no GPU sync
+    runner = DDP(compiled, device_ids=[run.device.index] if run.is_cuda else None, broadcast_buffers=False) if run.world > 1 else compiled
+    trainer = Trainer(model, runner, build_optimizers(model, h, run, zeropower), h, accum, run.autocast)
+    model.set_qat(h.crawler_quant_bits if h.crawler_qat else 0)
     t = time.perf_counter()
-    trainer.warmup(h.warmup_steps, micro_seqs, h.train_seq_len, h.vocab_size, device)
+    with heartbeat(run.log, "warmup (compiling)"):
+        trainer.warmup(h.warmup_steps, micro_seqs, h.train_seq_len, h.vocab_size, run.device)
     ema = trainer.ema = EMA(model, h.ema_decay) if h.ema_decay else None
     graphs = compile_stats()
-    log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t:.1f}s, state restored | "
-        f"{graphs[0]} graphs, {graphs[1]} graph breaks")
+    run.log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t:.1f}s, state restored | "
+            f"{graphs[0]} graphs, {graphs[1]} graph breaks")
 
-    reserve = h.gptq_reserve_seconds if h.quant_method != "rtn" else 0.0
-    budget_ms = 1000 * max(h.max_wallclock_seconds - reserve, 0.0) if h.max_wallclock_seconds else 0.0
-    train_ms, step, stop = 0.0, 0, h.iterations == 0
-    if is_cuda:
-        torch.cuda.synchronize()
+    budget_ms = 1000 * max(h.max_wallclock_seconds - plan.reserve_s, 0.0) if h.max_wallclock_seconds else 0.0
+    train_ms, step, elapsed, stop, signum = 0.0, 0, 0.0, h.iterations == 0, 0
+    run.sync()
     t0 = time.perf_counter()
-    while not stop:
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        mult = lr_multiplier(step, elapsed / budget_ms if budget_ms else step / h.iterations, h)
-        loss = trainer.step(loader.next_step(micro_seqs, accum), mult, step)
-        step += 1
-        elapsed = train_ms + 1000 * (time.perf_counter() - t0)
-        flag_t = torch.tensor([step >= h.iterations or (budget_ms > 0 and elapsed >= budget_ms)], dtype=torch.int32)
-        if ctrl is not None:
-            dist.broadcast(flag_t, 0, group=ctrl)
-        stop = bool(flag_t.item())
-        if step % h.train_log_every == 0 or stop or step <= 5:
-            if world > 1:  # the mean over all ranks' micro-batches, as one process would report it
-                dist.all_reduce(loss)
-                loss /= world
-            log(f"step {step} train_loss {loss.item():.4f} lr {mult:.3f} {elapsed / step:.1f}ms/step "
-                f"{step * h.train_batch_tokens / elapsed * 1000:,.0f} tok/s")
-        if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
-            if is_cuda:
-                torch.cuda.synchronize()
-            train_ms += 1000 * (time.perf_counter() - t0)
-            run_eval(f"step {step}")
-            t0 = time.perf_counter()
-    if is_cuda:
-        torch.cuda.synchronize()
+    with deferred_signals() as signals:
+        while not stop:
+            lr_mult, momentum = schedule(step, elapsed / budget_ms if budget_ms else step / h.iterations, h)
+            loss = trainer.step(loader.next_step(micro_seqs, accum), lr_mult, momentum)
+            step += 1
+            own = train_ms + 1000 * (time.perf_counter() - t0)
+            elapsed, stop, signum = run.agree(own, step >= h.iterations or 0 < budget_ms <= own, signals[0] if signals else 0)
+            stop = stop or signum > 0
+            if step % h.train_log_every == 0 or stop or step <= 5:
+                loss = run.all_reduce(loss) / run.world  # the mean over all ranks' micro-batches
+                run.log(f"step {step} train_loss {loss.item():.4f} lr {lr_mult:.3f} {elapsed / step:.1f}ms/step "
+                        f"{step * h.train_batch_tokens / elapsed * 1000:,.0f} tok/s")
+            if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
+                run.sync()
+                train_ms += 1000 * (time.perf_counter() - t0)
+                timed_eval(run, {}, f"step {step}", None, lambda: evaluate(compiled, val.tokens, val.luts, h, run))
+                t0 = time.perf_counter()
+    run.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
-    log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)")
+    model.set_qat(0)
+    run.log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)"
+            + (f", interrupted by {signal.Signals(signum).name}" if signum else ""))
     new = [b - a for a, b in zip(graphs, compile_stats())]
     if any(new):
-        log(f"warning: {new[0]} graphs compiled and {new[1]} graph breaks during training (recompiles cost time)")
-    return step, train_ms, ema, loader
+        run.log(f"warning: {new[0]} graphs compiled and {new[1]} graph breaks during training (recompiles cost time)")
+    return Trained(step, train_ms, ema, loader, signum)
 
 
-def compile_stats():
-    """(graphs compiled, graph breaks) so far, from dynamo's counters."""
-    counters = torch._dynamo.utils.counters
-    return counters["stats"]["unique_graphs"], sum(counters["graph_break"].values())
+def weights_digest(model, ema):
+    """sha256 of the live weights and the EMA: equal across ranks if and only if they trained the same model."""
+    digest = hashlib.sha256()
+    for t in list(model.state_dict().values()) + (ema.shadow if ema is not None else []):
+        digest.update(t.detach().float().cpu().numpy().tobytes())
+    return digest.hexdigest()
+
+
+def ranks_identical(run, digest):
+    if run.world == 1:
+        return True
+    digests = [None] * run.world
+    dist.all_gather_object(digests, digest, group=run.ctrl)
+    return len(set(digests)) == 1
 
 
 def calibration_batches(h, loader, world):
     """GPTQ_CALIB_TOKENS of fresh training windows, split across ranks."""
     seqs = max(1, h.gptq_calib_tokens // (h.train_seq_len * world))
-    per_batch = max(1, min(seqs, h.micro_batch_tokens // h.train_seq_len))
+    per_batch = max(1, min(seqs, batch_layout(h, world)[0]))
     return list(loader.next_step(per_batch, -(-seqs // per_batch)))
 
 
-def main():
-    h = Hyperparameters()
-    rank, world, device = setup_distributed()
-    log = Logger(h.run_id, rank == 0)
-    is_cuda = device.type == "cuda"
+# ----------------------------------------------------------------------------------------------------
+# MAIN: read inputs -> set up -> train (or load) -> export -> score
+
+
+ValData = collections.namedtuple("ValData", "tokens luts")  # val tokens, byte tables on the device
+
+
+def read_inputs(h):
+    """The artifact (EVAL_ONLY) or float checkpoint (EXPORT_FROM) to start from; its model shape replaces
+    the environment's."""
+    if h.eval_only:
+        qstate, config = read_artifact(h.eval_only)
+        h.use_model_config(config)
+        return qstate
+    if h.export_from:
+        config, state = load_checkpoint(h.export_from)
+        if config is not None:
+            h.use_model_config(config)
+        return state
+    return None
+
+
+def prepare(h, run):
+    """Header lines, torch settings, val data (ids checked against the vocab), the model and its compiled
+    runner, and the start of the final JSON record."""
     code = open(__file__, "rb").read()
-    log(f"run {h.run_id} | torch {torch.__version__} | {world} x {torch.cuda.get_device_name(device) if is_cuda else 'cpu'}"
-        f" | attention: {ATTENTION_BACKEND}" + ("" if FLASH_ATTN else " (flash-attn not installed: PyTorch SDPA)"))
+    gpu = torch.cuda.get_device_name(run.device) if run.is_cuda else "cpu"
+    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {ATTENTION_BACKEND}"
+            + ("" if FLASH_ATTN else " (flash-attn not installed: PyTorch SDPA)"))
     if h.unknown_env:
-        log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
+        run.log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
-    if is_cuda:
+    if run.is_cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # Newton-Schulz compiles once per matrix shape
     select_sdpa_backend(h.sdpa_backend)
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if is_cuda else contextlib.nullcontext()
-    if h.eval_only:  # the architecture comes from the artifact, everything else from the environment
-        qstate, config = read_artifact(h.eval_only)
-        h.use_model_config(config)
-    luts = [t.to(device) for t in load_tokenizer_luts(h.tokenizer_path, h.vocab_size)]
-    val_tokens = load_val_tokens(h.data_path)
-    log(f"val: {len(val_tokens):,} tokens from {h.data_path}")
-    model = GPT(h).to(device)
+    luts = [t.to(run.device) for t in load_tokenizer_luts(h.tokenizer_path, h.vocab_size)]
+    val = ValData(load_val_tokens(h.data_path, h.vocab_size), luts)
+    run.log(f"val: {len(val.tokens):,} tokens from {h.data_path}")
+    model = GPT(h).to(run.device)
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
-        f" | xsa {h.xsa_flags()}")
+    run.log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
+            f" | xsa {h.xsa_flags()}")
+    flops = 6 * n_params * h.train_batch_tokens
+    if not run.is_cuda and not (h.eval_only or h.export_from) and flops > 1e12:
+        run.log(f"warning: training on the CPU at about {flops:.0e} FLOPs per step takes minutes per step; this "
+                "configuration is meant for GPUs (SMOKE=1 bash run.sh is a CPU-sized run)")
     compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
-    result = dict(model_params=n_params, world_size=world, seed=h.seed, attention=ATTENTION_BACKEND,
-                  code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code), quant_method=h.quant_method)
+    result = dict(model_params=n_params, world_size=run.world, gpu=gpu, torch_version=torch.__version__, seed=h.seed,
+                  attention=ATTENTION_BACKEND, code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
+                  quant_method=h.quant_method)
+    return val, model, compiled, result
 
-    def run_eval(label, key=None, how=None):
-        t = time.perf_counter()
-        res = how() if how else evaluate(compiled, val_tokens, luts, h, rank, world, device, autocast)
-        secs = time.perf_counter() - t
-        log(f"{label}: val_loss {res['val_loss']:.5f} val_bpb {res['val_bpb']:.5f} ({secs:.1f}s)")
-        if key:
-            result.update({f"{key}_val_loss": res["val_loss"], f"{key}_val_bpb": res["val_bpb"], f"{key}_eval_s": secs})
-        return res
 
-    def score_artifact(label):
-        """Non-overlapping eval of the artifact's weights, then the sliding eval and TTT when enabled;
-        the last one is the run's score."""
-        final = run_eval(label, "roundtrip")
-        if h.eval_stride < h.eval_seq_len:
-            final = run_eval(f"sliding window, stride {h.eval_stride}", "sliding", lambda: evaluate(
-                compiled, val_tokens, luts, h, rank, world, device, autocast, h.eval_stride))
-        if h.ttt == "sgd":
-            final = run_eval("score-first TTT (sgd)", "ttt", lambda: ttt_sgd(
-                model, compiled, val_tokens, luts, h, rank, world, device, autocast, log)[0])
-        elif h.ttt == "lora":
-            final = run_eval("score-first TTT (lora)", "ttt", lambda: ttt_lora(
-                model, val_tokens, luts, h, rank, world, device, autocast, log)[0])
-        return finish(h, log, world, result, final, device)
-
-    if h.eval_only:
-        model.load_state_dict(dequantize(qstate))
-        result.update(model_bytes=os.path.getsize(h.eval_only))
-        return score_artifact(f"artifact {h.eval_only}")
-
-    if h.export_from:
-        model.load_state_dict(torch.load(h.export_from, map_location=device))
-        steps, train_ms, ema, loader = 0, 0.0, None, TrainLoader(
-            shard_paths(h.data_path, "train"), h.train_seq_len, h.seed, rank, world, device)
-        log(f"export from {h.export_from} (no training)")
-    else:
-        steps, train_ms, ema, loader = train(h, model, compiled, rank, world, device, autocast, log, run_eval)
-    live = {k: v.detach().clone() for k, v in model.state_dict().items()} if ema is not None else None
-    if ema is not None:
-        ema.copy_to(model)
-    final_float = {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-    # Calibration and quantization read training data, so they run inside the training time budget.
+def timed_eval(run, result, label, key, fn):
+    """Runs one evaluation, logs it, and records it under `key` in the final JSON."""
     t = time.perf_counter()
-    batches = calibration_batches(h, loader, world) if h.quant_method != "rtn" else []
-    qstate = quantize_model(model, h, batches, autocast, world)
-    if is_cuda:
-        torch.cuda.synchronize()
+    res = fn()
+    secs = time.perf_counter() - t
+    run.log(f"{label}: val_loss {res['val_loss']:.5f} val_bpb {res['val_bpb']:.5f} ({secs:.1f}s)")
+    if key:
+        result.update({f"{key}_val_loss": res["val_loss"], f"{key}_val_bpb": res["val_bpb"], f"{key}_eval_s": secs})
+    return res
+
+
+def train_or_load(h, run, model, compiled, val, plan, state, result):
+    """Trains, or loads the EXPORT_FROM weights; checks that every rank holds the same weights."""
+    if h.export_from:
+        load_weights(model, state, f"EXPORT_FROM={h.export_from}")
+        run.log(f"export from {h.export_from} (no training)")
+        trained = Trained(0, 0.0, None, train_loader(h, run))
+    else:
+        trained = train(h, run, model, compiled, val, plan)
+    if not trained.signum:
+        same = ranks_identical(run, weights_digest(model, trained.ema))
+        result.update(rank_weights_identical=same, steps=trained.steps, train_time_ms=round(trained.train_ms),
+                      step_avg_ms=trained.train_ms / max(trained.steps, 1),
+                      tokens_per_s=trained.steps * h.train_batch_tokens / max(trained.train_ms, 1e-9) * 1000)
+        if not same:
+            run.log.error(f"the {run.world} ranks ended training with different weights; the artifact holds rank 0's")
+    return trained
+
+
+def save_interrupted(h, run, model, trained):
+    """Keeps what an interrupted run trained (EMA applied, as a finished run's checkpoint) and says how to
+    export it. Returns the exit code 128 + signal."""
+    if trained.ema is not None:
+        trained.ema.copy_to(model)
+    path = os.path.join("logs", f"{h.run_id}_interrupted.pt")
+    if run.rank == 0:
+        save_atomic(float_checkpoint(h, model), path)
+        run.log(f"interrupted after step {trained.steps}: weights saved to {path}; export them with "
+                f"EXPORT_FROM={path} python3 train_gpt.py")
+    if run.world > 1:
+        dist.barrier(group=run.ctrl)  # no rank exits (and gets torchrun to kill the rest) before the save
+    return 128 + trained.signum
+
+
+def artifact_sizes(path, code_bytes):
+    model_bytes = os.path.getsize(path)
+    return dict(model_bytes=model_bytes, artifact_bytes=model_bytes + code_bytes, artifact_path=path)
+
+
+def export(h, run, model, trained, plan, result):
+    """EMA weights in; calibration and quantization inside the training budget; the artifact (and the float
+    checkpoint) written via temp files. Returns (artifact path, live weights or None, float weights)."""
+    live = {k: v.detach().clone() for k, v in model.state_dict().items()} if trained.ema is not None else None
+    if trained.ema is not None:
+        trained.ema.copy_to(model)
+    ckpt = float_checkpoint(h, model)  # the final float weights, kept on the CPU while quantization edits the model
+    t = time.perf_counter()
+    batches = calibration_batches(h, trained.loader, run.world) if plan.calibrate else []
+    qstate = quantize_model(model, plan, h, batches, run)
+    run.sync()
     quant_s = time.perf_counter() - t
-    data_s = train_ms / 1000 + quant_s if steps and h.max_wallclock_seconds else None
-    log(f"quantize: {h.quant_method} in {quant_s:.1f}s" + (f"; training data last read at {data_s:.1f}s of the "
-        f"{h.max_wallclock_seconds:.0f}s budget" if data_s is not None else ""))
+    data_s = trained.train_ms / 1000 + quant_s if trained.steps and h.max_wallclock_seconds else None
+    run.log(f"quantize: {h.quant_method} in {quant_s:.1f}s" + (f"; training data last read at {data_s:.1f}s of the "
+            f"{h.max_wallclock_seconds:.0f}s budget" if data_s is not None else ""))
     if data_s is not None and data_s > h.max_wallclock_seconds:
-        log(f"warning: training + calibration took {data_s:.1f}s > MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
+        run.log(f"warning: training + calibration took {data_s:.1f}s > MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
     artifact = os.path.join("logs", f"{h.run_id}_model.ptz")
     t = time.perf_counter()
-    if rank == 0:
-        result["compressor"], result["compressed_bytes"] = write_artifact(
-            artifact, qstate, {k: getattr(h, k) for k in MODEL_KEYS}, h.compressor)
+    if run.rank == 0:
+        with heartbeat(run.log, f"compress ({h.compressor})"):
+            result["compressor"], result["compressed_bytes"] = write_artifact(artifact, qstate, h.model_config(), h.compressor)
         if h.save_checkpoint:
-            save_atomic(final_float, os.path.join("logs", f"{h.run_id}_model.pt"))
-    if world > 1:
-        dist.barrier()
-    model_bytes = os.path.getsize(artifact)
-    result.update(steps=steps, train_time_ms=round(train_ms), step_avg_ms=train_ms / max(steps, 1),
-                  tokens_per_s=steps * h.train_batch_tokens / max(train_ms, 1e-9) * 1000, quant_s=quant_s,
-                  compress_s=time.perf_counter() - t, model_bytes=model_bytes, artifact_bytes=model_bytes + len(code),
-                  artifact_path=artifact)
-    log(f"artifact: {artifact} {model_bytes:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
-        f"{len(code):,} = {model_bytes + len(code):,} bytes")
-
-    if ema is not None:
-        model.load_state_dict(live)
-        run_eval("live weights (before EMA)", "live")
-    model.load_state_dict(final_float)
-    run_eval("prequant" + (" (EMA)" if ema is not None else ""), "prequant")
-    model.load_state_dict(dequantize(read_artifact(artifact)[0]))
-    return score_artifact("roundtrip (from the artifact file)")
+            save_atomic(ckpt, os.path.join("logs", f"{h.run_id}_model.pt"))
+    if run.world > 1:
+        dist.barrier(group=run.ctrl)
+    result.update(quant_s=quant_s, compress_s=time.perf_counter() - t, **artifact_sizes(artifact, result["code_bytes"]))
+    run.log(f"artifact: {artifact} {result['model_bytes']:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
+            f"{result['code_bytes']:,} = {result['artifact_bytes']:,} bytes")
+    return artifact, live, ckpt["model"]
 
 
-def finish(h, log, world, result, final, device):
-    """Final JSON line; an artifact over MAX_ARTIFACT_BYTES is reported (and kept) with exit code 3."""
-    result.update(final, peak_mem_mib=torch.cuda.max_memory_allocated(device) // 2**20 if device.type == "cuda" else None,
-                  config=h.as_dict())
-    over = result.get("artifact_bytes", 0) - h.max_artifact_bytes
+def score(h, run, model, compiled, val, result, label):
+    """Non-overlapping eval of the artifact's weights, then the sliding eval and TTT when enabled; the
+    last one is the run's score."""
+    final = timed_eval(run, result, label, "roundtrip", lambda: evaluate(compiled, val.tokens, val.luts, h, run))
+    if h.eval_stride < h.eval_seq_len:
+        final = timed_eval(run, result, f"sliding window, stride {h.eval_stride}", "sliding", lambda: evaluate(
+            compiled, val.tokens, val.luts, h, run, h.eval_stride, "sliding eval"))
+    if h.ttt == "sgd":
+        final = timed_eval(run, result, "score-first TTT (sgd)", "ttt",
+                           lambda: ttt_sgd(model, compiled, val.tokens, val.luts, h, run)[0])
+    elif h.ttt == "lora":
+        final = timed_eval(run, result, "score-first TTT (lora)", "ttt",
+                           lambda: ttt_lora(model, val.tokens, val.luts, h, run)[0])
+    return final
+
+
+def finish(h, run, result, final):
+    """Final JSON line. Exit code 3 when code + artifact exceed MAX_ARTIFACT_BYTES (everything is kept), 4 when
+    the ranks ended training with different weights."""
+    result.update(final, peak_mem_mib=torch.cuda.max_memory_allocated(run.device) // 2**20 if run.is_cuda else None,
+                  config=h.as_dict(), env=h.env)
+    over = result["artifact_bytes"] - h.max_artifact_bytes
     if over > 0:
-        log(f"error: artifact {result['artifact_bytes']:,} bytes is {over:,} bytes over MAX_ARTIFACT_BYTES="
-            f"{h.max_artifact_bytes:,}; kept at {result['artifact_path']}. Shrink the model or lower QUANT_BITS")
-    log(json.dumps(dict(event="final", over_budget=over > 0, **result)))
-    if world > 1:
+        run.log.error(f"artifact {result['artifact_bytes']:,} bytes is {over:,} bytes over MAX_ARTIFACT_BYTES="
+                      f"{h.max_artifact_bytes:,}; kept at {result['artifact_path']}. Shrink the model or lower QUANT_BITS")
+    run.log(json.dumps(dict(event="final", over_budget=over > 0, **result)))
+    return 3 if over > 0 else 4 if result.get("rank_weights_identical") is False else 0
+
+
+def train_export_score(h, run, model, compiled, val, start, result):
+    """Train (or load), export, score the float weights and then the artifact's. Returns the exit code."""
+    plan = export_plan(h, model)
+    trained = train_or_load(h, run, model, compiled, val, plan, start, result)
+    if trained.signum:
+        return save_interrupted(h, run, model, trained)
+    artifact, live, final_float = export(h, run, model, trained, plan, result)
+    for key, label, weights in (("live", "live weights (before EMA)", live),
+                                ("prequant", "prequant" + (" (EMA)" if live else ""), final_float)):
+        if weights is not None:
+            model.load_state_dict(weights)
+            timed_eval(run, result, label, key, lambda: evaluate(compiled, val.tokens, val.luts, h, run))
+    load_weights(model, dequantize(read_artifact(artifact)[0]), artifact)
+    return finish(h, run, result, score(h, run, model, compiled, val, result, "roundtrip (from the artifact file)"))
+
+
+def main(environ, log):
+    h = Hyperparameters(environ)
+    start = read_inputs(h)
+    run = start_run(h, log)
+    val, model, compiled, result = prepare(h, run)
+    if h.eval_only:
+        load_weights(model, dequantize(start), f"EVAL_ONLY={h.eval_only}")
+        result.update(artifact_sizes(h.eval_only, result["code_bytes"]))
+        code = finish(h, run, result, score(h, run, model, compiled, val, result, f"artifact {h.eval_only}"))
+    else:
+        code = train_export_score(h, run, model, compiled, val, start, result)
+    if run.world > 1:
         dist.destroy_process_group()
-    return 3 if over > 0 else 0
+    return code
+
+
+def cli(environ=os.environ):
+    """Runs main. Expected failures end as one `error:` line on stderr and in the run's log (exit 2);
+    unexpected ones are logged too, then raised. Exit codes: see `finish` and `save_interrupted`."""
+    log = Logger()
+    try:
+        return main(environ, log)
+    except ConfigError as e:
+        log.error(str(e))
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted outside the training loop; files already written under logs/ are complete")
+        return 130
+    except Exception as e:
+        log.error(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]} (traceback below)")
+        raise
 
 
 if __name__ == "__main__":
-    try:
-        sys.exit(main())
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(cli())

@@ -6,7 +6,7 @@
 A configuration is a preset name from presets/ (or `default` for the run.sh defaults) plus optional
 `:VAR=value,VAR=value` overrides. Each runs in a fresh process: the real model, optimizers, loader (on a
 synthetic shard of random tokens unless --data is given) and Trainer from train_gpt.py, the global batch
-of TRAIN_BATCH_TOKENS (786,432) by accumulation of MICRO_BATCH_TOKENS (98,304) micro-batches. After
+of TRAIN_BATCH_TOKENS (786,432) by accumulation of micro-batches (MICRO_BATCH_TOKENS, 98,304 on one GPU). After
 compile warm-up it times --steps optimizer steps with the GPU synchronised only at the ends, counting
 host-device synchronisations inside the steps (torch.cuda sync debug mode), then times the sliding
 evaluation. Reported: ms/step, ms per micro-batch, tokens/s, model TFLOP/s and MFU (matmuls, causal
@@ -121,6 +121,7 @@ def bench_one(env, args):
     T.select_sdpa_backend(h.sdpa_backend)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     micro_seqs, accum = T.batch_layout(h, 1)
+    run = T.Run(device=device, autocast=autocast)
     data = Path(args.data) if args.data else Path(tempfile.mkdtemp(prefix="bench_"))
     if not args.data:
         write_synthetic_shards(data, h.vocab_size)
@@ -129,12 +130,12 @@ def bench_one(env, args):
     model = T.GPT(h).to(device)
     compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph, mode=args.compile_mode) if h.compile else model
     zeropower = torch.compile(T.newton_schulz, dynamic=False) if h.compile else T.newton_schulz
-    trainer = T.Trainer(model, compiled, T.build_optimizers(model, h, 0, 1, zeropower), h, accum, autocast)
+    trainer = T.Trainer(model, compiled, T.build_optimizers(model, h, run, zeropower), h, accum, autocast)
     trainer.ema = T.EMA(model, h.ema_decay) if h.ema_decay else None
 
     t = time.perf_counter()
     for s in range(args.warmup):
-        trainer.step(loader.next_step(micro_seqs, accum), 1.0, s)
+        trainer.step(loader.next_step(micro_seqs, accum), *T.schedule(s, 0.0, h))
     torch.cuda.synchronize()
     compile_s = time.perf_counter() - t
     graphs = T.compile_stats()
@@ -144,7 +145,7 @@ def bench_one(env, args):
         torch.cuda.set_sync_debug_mode("warn")
         t = time.perf_counter()
         for s in range(args.steps):
-            trainer.step(loader.next_step(micro_seqs, accum), 1.0, s)
+            trainer.step(loader.next_step(micro_seqs, accum), *T.schedule(s, 0.0, h))
         torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     step_ms = 1000 * (time.perf_counter() - t) / args.steps
@@ -163,7 +164,7 @@ def bench_one(env, args):
     if args.profile:
         from torch.profiler import ProfilerActivity, profile
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
-            trainer.step(loader.next_step(micro_seqs, accum), 1.0, 0)
+            trainer.step(loader.next_step(micro_seqs, accum), *T.schedule(0, 0.0, h))
             torch.cuda.synchronize()
         kernels = sorted(((e.key, e.device_time_total) for e in prof.key_averages()), key=lambda kv: -kv[1])
         total = sum(v for _, v in kernels) or 1
@@ -180,11 +181,11 @@ def bench_one(env, args):
                                        torch.ones(V, dtype=torch.bool))]
         short = val[:h.eval_batch_seqs * h.eval_stride + h.eval_seq_len + 1]
         t = time.perf_counter()
-        T.evaluate(compiled, short, luts, h, 0, 1, device, autocast, h.eval_stride)  # compiles the eval graph
+        T.evaluate(compiled, short, luts, h, run, h.eval_stride)  # compiles the eval graph
         torch.cuda.synchronize()
         out["eval_compile_s"] = round(time.perf_counter() - t, 1)
         t = time.perf_counter()
-        res = T.evaluate(compiled, val, luts, h, 0, 1, device, autocast, h.eval_stride)
+        res = T.evaluate(compiled, val, luts, h, run, h.eval_stride)
         torch.cuda.synchronize()
         secs = time.perf_counter() - t
         out.update(eval_stride=h.eval_stride, eval_tokens=res["val_tokens"], eval_s=round(secs, 2),

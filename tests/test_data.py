@@ -1,5 +1,7 @@
-"""Data loading and configuration errors: shards are checked, batches are random but reproducible and
-rank-disjoint, and every bad input stops the run with one line naming it."""
+"""Data loading and configuration errors: shards are checked (names, headers, token ids), batches are
+random but reproducible and rank-disjoint, and every bad input stops the run with one line naming it, on
+stderr and at the end of the run's log, without touching an earlier run's files."""
+import os
 import shutil
 import subprocess
 import sys
@@ -8,7 +10,7 @@ import numpy as np
 import pytest
 
 import train_gpt as T
-from conftest import REPO, tiny_env
+from conftest import REPO, cli, tiny_env
 
 
 def write_shard(path, tokens, magic=20240520, version=1, count=None):
@@ -18,17 +20,26 @@ def write_shard(path, tokens, magic=20240520, version=1, count=None):
     return path
 
 
-def run_script(env, cwd):
-    return subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=cwd,
-                          capture_output=True, text=True, timeout=120)
-
-
-def assert_one_line_error(proc, *needles):
-    assert proc.returncode == 2, proc.stderr[-2000:]
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr
+def assert_one_line_error(rc, err, *needles):
+    """Exit 2 and exactly one `error:` line on stderr naming every needle, no traceback."""
+    assert rc == 2, err[-2000:]
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in err, err
     for needle in needles:
         assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def error_of(env, cwd, *needles):
+    rc, err, _, log = cli(env, cwd)
+    return assert_one_line_error(rc, err, *needles), log
+
+
+def test_error_is_one_line_from_the_real_process(corpus, tmp_path):
+    env = dict(os.environ, **tiny_env(corpus, RUN_ID="bad", CRAWLER_LOOPS="three"))
+    proc = subprocess.run([sys.executable, str(REPO / "train_gpt.py")], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.stderr == "error: CRAWLER_LOOPS='three' is not a valid int\n" and proc.returncode == 2
 
 
 def test_shard_header_checks(tmp_path):
@@ -45,6 +56,20 @@ def test_shard_header_checks(tmp_path):
         T.open_shard(tmp_path / "tiny.bin")
 
 
+def test_sidecars_are_not_shards(corpus, tmp_path):
+    """The upstream CaseOps byte sidecar fineweb_val_bytes_000000.bin sits beside the val shards: reading it
+    as one would double the val tokens."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus[0], data)
+    n_val = len(T.load_val_tokens(str(data)))
+    write_shard(data / "fineweb_val_bytes_000000.bin", np.arange(n_val) % 7)
+    write_shard(data / "fineweb_train_bytes_000000.bin", range(1000))
+    (data / "fineweb_val_000001.bin.tmp").write_bytes(b"partial")
+    assert len(T.load_val_tokens(str(data))) == n_val
+    assert [p.rsplit("/", 1)[1] for p in T.shard_paths(str(data), "val")] == ["fineweb_val_000000.bin"]
+    assert all("bytes" not in p for p in T.shard_paths(str(data), "train"))
+
+
 @pytest.mark.parametrize("case", ["missing_dir", "no_val", "bad_header", "truncated"])
 def test_bad_data_fails_with_one_line(corpus, tmp_path, case):
     data = tmp_path / "data"
@@ -54,7 +79,7 @@ def test_bad_data_fails_with_one_line(corpus, tmp_path, case):
         needles = ("DATA_PATH=", "no such folder", "cached_challenge_fineweb.py")
     elif case == "no_val":
         (data / "fineweb_val_000000.bin").unlink()
-        needles = ("no fineweb_val_*.bin shards",)
+        needles = ("no fineweb_val_NNNNNN.bin shards",)
     elif case == "bad_header":
         write_shard(data / "fineweb_train_000000.bin", range(10), magic=7)
         needles = ("fineweb_train_000000.bin", "bad shard header")
@@ -62,8 +87,22 @@ def test_bad_data_fails_with_one_line(corpus, tmp_path, case):
         raw = (data / "fineweb_val_000000.bin").read_bytes()
         (data / "fineweb_val_000000.bin").write_bytes(raw[:-100])
         needles = ("fineweb_val_000000.bin", "truncated")
-    env = tiny_env(corpus, DATA_PATH=data, RUN_ID="bad", ITERATIONS=1)
-    assert_one_line_error(run_script(env, tmp_path), *needles)
+    error_of(tiny_env(corpus, DATA_PATH=data, RUN_ID="bad", ITERATIONS=1), tmp_path, *needles)
+
+
+@pytest.mark.parametrize("split", ["val", "train"])
+def test_token_ids_beyond_the_vocab_stop_at_start_up(corpus, tmp_path, split):
+    """Shards of a larger tokenizer: one line naming the file, the largest id and VOCAB_SIZE, also as the
+    last line of the run's log (the run had started), instead of an IndexError mid-run."""
+    data = tmp_path / "data"
+    shutil.copytree(corpus[0], data)
+    path = data / f"fineweb_{split}_000000.bin"
+    tokens = T.open_shard(path).copy()
+    tokens[len(tokens) // 2] = 700
+    write_shard(path, tokens)
+    line, log = error_of(tiny_env(corpus, DATA_PATH=data, RUN_ID="ids", ITERATIONS=1), tmp_path,
+                         f"fineweb_{split}_000000.bin", "token id 700", "VOCAB_SIZE=512")
+    assert log.strip().splitlines()[-1] == line  # the log of the failed run says why it stopped
 
 
 @pytest.mark.parametrize("var,value,needle", [
@@ -72,18 +111,42 @@ def test_bad_data_fails_with_one_line(corpus, tmp_path, case):
     ("WARMDOWN_FRAC", "1.5", "WARMDOWN_FRAC='1.5': must be between 0 and 1"),
     ("COMPILE", "yes", "COMPILE='yes' is not a valid flag"),
     ("CRAWLER_LOOP_ROPE_SCALES", "9,1,1", "give 2 positive values"),
+    ("CRAWLER_LOOP_ROPE_SCALES", "nan,1", "give 2 positive values"),
+    ("CRAWLER_LOOP_ROPE_SCALES", "inf,1", "give 2 positive values"),
+    ("MATRIX_LR", "nan", "MATRIX_LR='nan': must be a finite number"),
+    ("MATRIX_LR", "inf", "MATRIX_LR='inf': must be a finite number"),
+    ("MAX_WALLCLOCK_SECONDS", "nan", "MAX_WALLCLOCK_SECONDS='nan': must be a finite number"),
     ("TRAIN_BATCH_TOKENS", "5000", "TRAIN_BATCH_TOKENS=5000 must split"),
     ("TOKENIZER_PATH", "/nonexistent/sp.model", "TOKENIZER_PATH=/nonexistent/sp.model: no such file"),
     ("VOCAB_SIZE", "100", "raise VOCAB_SIZE"),
+    ("TTT_LORA_CHUNK", "256", "TTT_LORA_CHUNK=256: must be at most EVAL_SEQ_LEN=128"),
 ])
 def test_bad_setting_fails_with_one_line(corpus, tmp_path, var, value, needle):
-    env = tiny_env(corpus, RUN_ID="bad", ITERATIONS=1, **{var: value})
-    assert_one_line_error(run_script(env, tmp_path), needle)
+    env = tiny_env(corpus, RUN_ID="bad", ITERATIONS=1, TTT="lora" if var.startswith("TTT") else "off", **{var: value})
+    error_of(env, tmp_path, needle)
 
 
 def test_unknown_variable_sharing_a_prefix_is_reported():
     h = T.Hyperparameters({"CRAWLER_LOOP": "3", "EVAL_STIDE": "64", "HOME": "/root", "CRAWLER_LOOPS": "2"})
     assert h.unknown_env == ["CRAWLER_LOOP", "EVAL_STIDE"]
+
+
+def test_a_used_run_id_is_refused_and_nothing_is_touched(corpus, finished, tmp_path):
+    """Rerunning a RUN_ID (two SMOKE=1 runs did) must not append to its log or overwrite its files."""
+    cwd = finished[0]
+    before = {p.name: p.read_bytes() for p in (cwd / "logs").iterdir()}
+    error_of(tiny_env(corpus, RUN_ID="done", ITERATIONS=1), cwd, "RUN_ID=done is taken (logs/done.txt exists)")
+    assert {p.name: p.read_bytes() for p in (cwd / "logs").iterdir()} == before
+
+
+def test_unexpected_failure_is_logged_before_the_traceback(corpus, tmp_path, monkeypatch):
+    def boom(*args):
+        raise RuntimeError("CUDA out of memory\nmore detail")
+    monkeypatch.setattr(T, "export", boom)
+    with pytest.raises(RuntimeError):
+        cli(tiny_env(corpus, RUN_ID="boom", ITERATIONS=1, EVAL_STRIDE=0), tmp_path)
+    log = (tmp_path / "logs/boom.txt").read_text()
+    assert log.strip().splitlines()[-1] == "error: RuntimeError: CUDA out of memory (traceback below)"
 
 
 def make_loader(tmp_path, rank=0, world=1, seed=1, seq_len=8):

@@ -1,10 +1,8 @@
 """Exact evaluation: the byte count equals the decoded text's UTF-8 length, windows score every target
 exactly once, and stride = seq_len equals a plain non-overlapping evaluation."""
-import contextlib
 import copy
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,7 +10,7 @@ import sentencepiece as spm
 import torch
 
 import train_gpt as T
-from conftest import REPO, tiny_hparams as hparams, train_tiny
+from conftest import REPO, tiny_hparams as hparams
 
 OFFICIAL_SP = REPO.parent / "shared/data/tokenizers/fineweb_1024_bpe.model"
 CPU = torch.device("cpu")
@@ -27,17 +25,19 @@ def decoded_bytes(sp, tokens):
 
 
 @pytest.fixture(scope="module")
-def trained(corpus):
-    """A tiny model trained for 40 steps on the corpus, with its val tokens and byte tables."""
+def trained(corpus, finished):
+    """The finished run's tiny model (its float checkpoint), with val tokens and byte tables."""
     data, tok, _ = corpus
-    model, _ = train_tiny(data, 40)
+    ckpt = torch.load(finished[0] / "logs/done_model.pt")
+    model = T.GPT(hparams())
+    model.load_state_dict(ckpt["model"])
     return model, T.load_val_tokens(data)[:6000], T.load_tokenizer_luts(str(tok), 512)
 
 
 def run_eval(trained, **extra):
     model, tokens, luts = trained
     h = hparams(**extra)
-    return T.evaluate(model, tokens, luts, h, 0, 1, CPU, contextlib.nullcontext())
+    return T.evaluate(model, tokens, luts, h, T.Run())
 
 
 def test_val_bytes_equal_decoded_utf8(corpus, trained):
@@ -46,8 +46,7 @@ def test_val_bytes_equal_decoded_utf8(corpus, trained):
     tokens = T.load_val_tokens(data)
     assert any(ord(c) > 127 for c in sp.decode(tokens[:200].tolist()))  # the non-ASCII docs are in val
     model = trained[0]
-    res = T.evaluate(model, tokens, T.load_tokenizer_luts(str(tok), 512), hparams(), 0, 1, CPU,
-                     contextlib.nullcontext())
+    res = T.evaluate(model, tokens, T.load_tokenizer_luts(str(tok), 512), hparams(), T.Run())
     assert res["val_tokens"] == len(tokens) - 1
     assert res["val_bytes"] == decoded_bytes(sp, tokens)
 
@@ -120,10 +119,28 @@ def test_window_plan_isolation_and_chunks():
                 assert [c0 for c0, _, _ in plan] == list(range(0, len(tokens) - 1, chunk))
 
 
+def test_stride_zero_means_no_sliding_eval_and_planner_refuses_bad_strides():
+    for env, (seq_len, stride) in [({}, (2048, 64)), ({"EVAL_STRIDE": "0"}, (2048, 2048)),
+                                   ({"EVAL_STRIDE": "0", "EVAL_SEQ_LEN": "512"}, (512, 512)),
+                                   ({"TRAIN_SEQ_LEN": "256"}, (256, 64))]:
+        h = T.Hyperparameters(env)
+        assert (h.eval_seq_len, h.eval_stride) == (seq_len, stride), env
+    for stride in (0, -1, 129):  # 0 never advances (the TTT planner looped forever); > L skips targets
+        with pytest.raises(ValueError, match="cannot cover the targets"):
+            T.eval_windows(0, 1000, 0, 128, stride)
+
+
+def test_a_count_short_of_the_val_targets_is_an_error():
+    tokens = np.arange(101)
+    assert T.as_metrics(torch.tensor([70.0, 100.0, 250.0], dtype=torch.float64), tokens)["val_tokens"] == 100
+    with pytest.raises(T.ConfigError, match="scored 52 of 100 val targets"):
+        T.as_metrics(torch.tensor([35.0, 52.0, 130.0], dtype=torch.float64), tokens)
+
+
 def test_stride_equal_seq_len_is_plain_eval(trained):
     model, tokens, luts = trained
     tokens = tokens[:128 * 40 + 1]
-    res = T.evaluate(model, tokens, luts, hparams(), 0, 1, CPU, contextlib.nullcontext(), stride=128)
+    res = T.evaluate(model, tokens, luts, hparams(), T.Run(), stride=128)
     t = torch.from_numpy(tokens.astype(np.int64))
     with torch.no_grad():  # plain eval computed directly: consecutive non-overlapping 128-token windows
         nll = model(t[:-1].view(40, 128), t[1:].view(40, 128)).double()
@@ -133,12 +150,11 @@ def test_stride_equal_seq_len_is_plain_eval(trained):
 
 def test_sliding_scores_each_token_once_and_helps(trained):
     plain = run_eval(trained, EVAL_STRIDE=128)
-    sliding = T.evaluate(trained[0], trained[1], trained[2], hparams(), 0, 1, CPU, contextlib.nullcontext(), stride=32)
+    sliding = T.evaluate(trained[0], trained[1], trained[2], hparams(), T.Run(), stride=32)
     assert sliding["val_tokens"] == plain["val_tokens"] and sliding["val_bytes"] == plain["val_bytes"]
     assert sliding["val_loss"] < plain["val_loss"]  # more left context per token
     assert sliding["val_bpb"] < plain["val_bpb"]
-    isolated = T.evaluate(trained[0], trained[1], trained[2], hparams(EVAL_DOC_ISOLATION=1), 0, 1, CPU,
-                          contextlib.nullcontext(), stride=32)
+    isolated = T.evaluate(trained[0], trained[1], trained[2], hparams(EVAL_DOC_ISOLATION=1), T.Run(), stride=32)
     assert isolated["val_tokens"] == plain["val_tokens"] and isolated["val_loss"] != sliding["val_loss"]
 
 
@@ -147,10 +163,9 @@ def ttt(trained, tokens, mode, **extra):
     model = copy.deepcopy(trained[0])
     settings = dict(TTT=mode, EVAL_STRIDE=64, TTT_CHUNK_TOKENS=256, TTT_LORA_CHUNK=64, TTT_LR=0.05, TTT_LORA_LR=0.01)
     h = hparams(**{**settings, **extra})
-    log = lambda msg: None
     if mode == "sgd":
-        return T.ttt_sgd(model, model, tokens, trained[2], h, 0, 1, CPU, contextlib.nullcontext(), log)
-    return T.ttt_lora(model, tokens, trained[2], h, 0, 1, CPU, contextlib.nullcontext(), log)
+        return T.ttt_sgd(model, model, tokens, trained[2], h, T.Run())
+    return T.ttt_lora(model, tokens, trained[2], h, T.Run())
 
 
 @pytest.mark.parametrize("mode", ["sgd", "lora"])
@@ -173,7 +188,7 @@ def test_ttt_never_looks_ahead(trained, mode):
     firsts = {0: T.window_plan(tokens, 128, 64, False, 256)[0][2]} if mode == "sgd" else {
         a: [(a, 0, 64)] for a in (0, 700)}
     for a, wins in firsts.items():
-        base = T.score_windows(model, tokens, wins, luts, 16, CPU, contextlib.nullcontext())
+        base = T.score_windows(model, tokens, wins, luts, 16, T.Run())
         assert torch.allclose(parts1[a], base, rtol=1e-6), (a, parts1[a], base)
 
 
@@ -186,7 +201,7 @@ def test_ttt_learns_a_repeat(trained, mode):
     _, parts = ttt(trained, tokens, mode, TTT_EPOCHS=2, TTT_CHUNK_TOKENS=128)
     second = sum(v for k, v in parts.items() if k >= 640)  # targets of the second copy
     wins = [w for c0, c1, wins in T.window_plan(tokens, 128, 64, False, 128) if c0 >= 640 for w in wins]
-    base = T.score_windows(trained[0], tokens, wins, trained[2], 16, CPU, contextlib.nullcontext())
+    base = T.score_windows(trained[0], tokens, wins, trained[2], 16, T.Run())
     assert second[1] == base[1] == 640  # the same positions
     assert second[0] < 0.95 * base[0], (second[0].item(), base[0].item())
 

@@ -1,6 +1,5 @@
 """Export: packing is lossless, rounding stays within half a step, GPTQ beats round-to-nearest on correlated
 inputs, loop-aware GPTQ helps a crawler, artifacts load back bit-exactly, and bad artifacts fail clearly."""
-import contextlib
 import json
 import os
 
@@ -9,8 +8,8 @@ import pytest
 import torch
 
 import train_gpt as T
-from conftest import run_train, tiny_env, tiny_hparams as hparams, train_tiny
-from test_data import assert_one_line_error, run_script
+from conftest import cli, tiny_env, tiny_hparams as hparams, train_tiny
+from test_data import error_of
 
 CPU = torch.device("cpu")
 
@@ -36,6 +35,17 @@ def test_round_to_nearest_error_within_half_a_step():
     assert (err_s <= err.square().sum(1) + 1e-9).all() and (searched <= step + 1e-12).all()
     sd = T.row_scales(W, 6, sdclip_k=12.0)
     assert torch.allclose(sd[:, 0], 12.0 * W.std(1) / 31)
+
+
+def test_all_zero_rows_quantize_to_zero():
+    """Zero-initialised projections that never trained (ITERATIONS=0, an early checkpoint): the fp16 step the
+    artifact stores must not underflow to 0, which would make every level 0/0."""
+    W = torch.zeros(4, 8)
+    W[0] = torch.randn(8)
+    for sdclip_k in (0.0, 12.0):
+        step = T.row_scales(W, 6, sdclip_k).half().float()
+        for q in (T.quantize_rtn(W, step, 6), T.quantize_gptq(W, torch.eye(8), step, 6, 0.01)):
+            assert torch.isfinite(q).all() and (q[1:] == 0).all() and q[0].abs().max() > 0
 
 
 def correlated_inputs(n=4096, d=128, seed=0):
@@ -77,16 +87,16 @@ def quantized_loss(trained, **extra):
     model, tokens, luts, calib = trained
     h = hparams(CRAWLER_LOOPS=3, **extra)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    qstate = T.quantize_model(model, h, calib, contextlib.nullcontext(), 1)
+    qstate = T.quantize_model(model, T.export_plan(h, model), h, calib, T.Run())
     model.load_state_dict(T.dequantize(qstate))
-    res = T.evaluate(model, tokens, luts, h, 0, 1, CPU, contextlib.nullcontext())
+    res = T.evaluate(model, tokens, luts, h, T.Run())
     model.load_state_dict(state)
     return res["val_loss"], qstate
 
 
 def test_loop_aware_gptq_no_worse_than_plain_gptq(trained):
     model, tokens, luts, _ = trained
-    base = T.evaluate(model, tokens, luts, hparams(CRAWLER_LOOPS=3), 0, 1, CPU, contextlib.nullcontext())["val_loss"]
+    base = T.evaluate(model, tokens, luts, hparams(CRAWLER_LOOPS=3), T.Run())["val_loss"]
     # a coarse crawler next to near-lossless flat blocks isolates what loop-awareness is about: the error
     # the shared block's own quantized loops feed back into its later applications
     losses = {m: quantized_loss(trained, QUANT_METHOD=m, QUANT_BITS=8, CRAWLER_QUANT_BITS=3)[0]
@@ -100,7 +110,7 @@ def test_hessians_are_fp32_under_bf16_autocast(trained):
     crashed there)."""
     model, _, _, calib = trained
     H = T.collect_hessians(model, ["blocks.2.mlp.fc", "bigram.proj"], calib[:2],
-                           torch.autocast("cpu", dtype=torch.bfloat16), 1)
+                           T.Run(autocast=torch.autocast("cpu", dtype=torch.bfloat16)))
     assert H["blocks.2.mlp.fc"].dtype == torch.float32 and H["bigram.proj"].shape == (16, 16)
     x = torch.randn(5, 16)
     assert torch.allclose(H["bigram.proj"], H["bigram.proj"].T) and (x @ H["bigram.proj"] * x).sum() > 0
@@ -111,7 +121,7 @@ def test_artifact_roundtrip_is_bit_exact(trained, tmp_path):
     loss, qstate = quantized_loss(trained, QUANT_METHOD="gptq", CRAWLER_QUANT_BITS=8)
     assert qstate["blocks.2.mlp.fc.weight"][2] == 8 and qstate["blocks.0.mlp.fc.weight"][2] == 6
     assert qstate["tok_emb.weight"][2] == 8 and qstate["app_emb"].dtype == torch.float16
-    config = {k: getattr(hparams(CRAWLER_LOOPS=3), k) for k in T.MODEL_KEYS}
+    config = hparams(CRAWLER_LOOPS=3).model_config()
     for method in ("zstd", "brotli", "auto"):
         path = str(tmp_path / f"a_{method}.ptz")
         name, sizes = T.write_artifact(path, qstate, config, method)
@@ -128,15 +138,15 @@ def test_artifact_roundtrip_is_bit_exact(trained, tmp_path):
     # the roundtrip eval equals the eval of the in-memory dequantized weights
     state = {k: v.clone() for k, v in model.state_dict().items()}
     model.load_state_dict(T.dequantize(back))
-    res = T.evaluate(model, tokens, luts, hparams(CRAWLER_LOOPS=3), 0, 1, CPU, contextlib.nullcontext())
+    res = T.evaluate(model, tokens, luts, hparams(CRAWLER_LOOPS=3), T.Run())
     model.load_state_dict(state)
     assert res["val_loss"] == loss
 
 
-def test_bad_artifacts_fail_clearly(trained, tmp_path, corpus):
+def test_bad_artifacts_fail_clearly(trained, tmp_path, corpus, finished):
     _, qstate = quantized_loss(trained, QUANT_METHOD="rtn")
     path = str(tmp_path / "good.ptz")
-    T.write_artifact(path, qstate, {k: getattr(hparams(), k) for k in T.MODEL_KEYS}, "zstd")
+    T.write_artifact(path, qstate, hparams().model_config(), "zstd")
     raw = open(path, "rb").read()
     (tmp_path / "trunc.ptz").write_bytes(raw[:len(raw) // 2])
     (tmp_path / "magic.ptz").write_bytes(b"NOTMINE!" + raw[8:])
@@ -144,8 +154,9 @@ def test_bad_artifacts_fail_clearly(trained, tmp_path, corpus):
         T.read_artifact(str(tmp_path / "trunc.ptz"))
     with pytest.raises(T.ConfigError, match="magic.ptz: not an artifact"):
         T.read_artifact(str(tmp_path / "magic.ptz"))
-    env = tiny_env(corpus, RUN_ID="bad", EVAL_ONLY=tmp_path / "trunc.ptz")
-    assert_one_line_error(run_script(env, tmp_path), "trunc.ptz: corrupt or truncated artifact")
+    error_of(tiny_env(corpus, RUN_ID="bad", EVAL_ONLY=tmp_path / "trunc.ptz"), tmp_path, "trunc.ptz: corrupt or truncated artifact")
+    error_of(tiny_env(corpus, RUN_ID="bad2", EVAL_ONLY=finished[0] / "logs/done_model.pt"), tmp_path,
+             "done_model.pt: not an artifact", "use EXPORT_FROM")
 
 
 def test_crawler_qat_fake_quantizes_forward_and_trains_floats():
@@ -153,6 +164,8 @@ def test_crawler_qat_fake_quantizes_forward_and_trains_floats():
     torch.manual_seed(0)
     model = T.GPT(h)
     crawler = model.blocks[2].mlp.fc
+    assert crawler.qat_bits == 0  # a model is built without QAT: only training switches it on
+    model.set_qat(5)
     assert crawler.qat_bits == 5 and model.blocks[0].mlp.fc.qat_bits == 0
     x = torch.randn(3, 64)
     W = crawler.weight.detach()
@@ -164,31 +177,74 @@ def test_crawler_qat_fake_quantizes_forward_and_trains_floats():
     assert crawler.weight.grad is not None and crawler.weight.grad.abs().sum() > 0
 
 
-def test_export_phases_end_to_end(corpus, tmp_path):
-    """Train + loop-aware GPTQ inside the budget; EVAL_ONLY of the artifact and EXPORT_FROM of the
-    checkpoint reproduce the numbers; an artifact over budget is reported, kept, and exits 3."""
-    env = tiny_env(corpus, RUN_ID="full", ITERATIONS=1000, MAX_WALLCLOCK_SECONDS=12, GPTQ_RESERVE_SECONDS=6,
-                   GPTQ_CALIB_TOKENS=8192, COMPRESSOR="zstd")
-    final, log = run_train(env, tmp_path)
-    assert 6000 <= final["train_time_ms"] < 6000 + 3 * final["step_avg_ms"] + 500
-    assert final["quant_method"] == "loop_gptq" and "training data last read at" in log
-    data_s = float(log.split("training data last read at ")[1].split("s")[0])
-    assert data_s <= 12
+def test_training_run_exports_and_scores_its_artifact(finished):
+    cwd, final, log = finished
+    assert final["quant_method"] == "loop_gptq" and final["compressor"] == "zstd"
     assert final["artifact_bytes"] == final["model_bytes"] + final["code_bytes"]
-    assert final["model_bytes"] == os.path.getsize(tmp_path / "logs/full_model.ptz")
+    assert final["model_bytes"] == os.path.getsize(cwd / "logs/done_model.ptz")
     assert final["code_bytes"] == len(open(T.__file__, "rb").read())
     assert final["val_bpb"] == final["sliding_val_bpb"] != final["roundtrip_val_bpb"]  # the sliding score counts
     assert abs(final["prequant_val_bpb"] - final["roundtrip_val_bpb"]) < 0.05  # int6 costs little
     for key in ("live_val_bpb", "quant_s", "compress_s", "roundtrip_eval_s", "prequant_eval_s", "compressor"):
         assert key in final
-    again, _ = run_train(tiny_env(corpus, RUN_ID="evalonly", EVAL_ONLY=tmp_path / "logs/full_model.ptz",
-                                  MODEL_DIM=96), tmp_path)  # architecture comes from the artifact
+    assert not final["over_budget"] and json.loads(log.strip().splitlines()[-1])["event"] == "final"
+
+
+@pytest.mark.parametrize("qat,bits", [("0", "6"), ("1", "3")])
+def test_eval_only_scores_exactly_the_artifact(finished, corpus, tmp_path, qat, bits):
+    """The architecture comes from the artifact (MODEL_DIM=96 is ignored), and CRAWLER_QAT (the finished run
+    trained with it) never re-rounds the artifact's weights: every evaluation scores exactly what it holds."""
+    cwd, final, _ = finished
+    env = tiny_env(corpus, RUN_ID="again", EVAL_ONLY=cwd / "logs/done_model.ptz", MODEL_DIM=96, CRAWLER_QAT=qat,
+                   CRAWLER_QUANT_BITS=bits)
+    rc, err, again, _ = cli(env, tmp_path)
+    assert rc == 0, err
     assert again["roundtrip_val_loss"] == final["roundtrip_val_loss"]
-    redo, _ = run_train(tiny_env(corpus, RUN_ID="redo", EXPORT_FROM=tmp_path / "logs/full_model.pt",
-                                 QUANT_METHOD="rtn", MAX_ARTIFACT_BYTES=1000), tmp_path, expect_rc=3)
+    assert again["sliding_val_loss"] == final["sliding_val_loss"]
+    assert again["artifact_bytes"] == final["artifact_bytes"] and not again["over_budget"]
+
+
+def test_eval_only_checks_the_byte_budget(finished, corpus, tmp_path):
+    cwd, final, _ = finished
+    env = tiny_env(corpus, RUN_ID="tight", EVAL_ONLY=cwd / "logs/done_model.ptz", MAX_ARTIFACT_BYTES=1000, EVAL_STRIDE=0)
+    rc, err, res, log = cli(env, tmp_path)
+    over = final["artifact_bytes"] - 1000
+    assert rc == 3 and res["over_budget"] and res["artifact_bytes"] == final["artifact_bytes"]
+    assert f"is {over:,} bytes over MAX_ARTIFACT_BYTES=1,000" in err and f"{over:,} bytes over" in log
+
+
+def test_export_from_the_checkpoint_needs_no_shape(finished, corpus, tmp_path):
+    """Re-export with other settings and no shape in the environment (the checkpoint carries it); over the
+    budget the artifact is reported, kept, and the exit code is 3."""
+    cwd, final, _ = finished
+    data, tok, _ = corpus
+    env = dict(DATA_PATH=str(data), TOKENIZER_PATH=str(tok), RUN_ID="redo", COMPILE="0", EVAL_BATCH_SEQS="16",
+               EXPORT_FROM=str(cwd / "logs/done_model.pt"), QUANT_METHOD="rtn", MAX_ARTIFACT_BYTES="1000")
+    rc, err, redo, log = cli(env, tmp_path)
+    assert rc == 3, err
     assert redo["prequant_val_loss"] == final["prequant_val_loss"] and redo["steps"] == 0
+    assert redo["config"]["model_dim"] == 64 and redo["rank_weights_identical"] is True
     assert redo["over_budget"] and os.path.exists(tmp_path / "logs/redo_model.ptz")
-    log = (tmp_path / "logs/redo.txt").read_text()
-    over = redo["artifact_bytes"] - 1000
-    assert f"is {over:,} bytes over MAX_ARTIFACT_BYTES=1,000" in log
-    assert json.loads(log.strip().splitlines()[-1])["event"] == "final"
+    assert f"is {redo['artifact_bytes'] - 1000:,} bytes over MAX_ARTIFACT_BYTES=1,000" in log
+
+
+@pytest.mark.parametrize("case", ["truncated", "artifact", "other_shape", "not_weights"])
+def test_bad_export_from_is_one_line(finished, corpus, tmp_path, case):
+    cwd = finished[0]
+    ckpt = torch.load(cwd / "logs/done_model.pt")
+    path, extra = tmp_path / "ckpt.pt", {}
+    if case == "truncated":
+        raw = (cwd / "logs/done_model.pt").read_bytes()
+        path.write_bytes(raw[:len(raw) // 2])
+        needles = ("ckpt.pt: unreadable checkpoint", "truncated")
+    elif case == "artifact":
+        path = cwd / "logs/done_model.ptz"
+        needles = ("done_model.ptz is an artifact, not a float checkpoint", "EVAL_ONLY=")
+    elif case == "other_shape":  # bare weights (as older runs saved them): the shape comes from the environment
+        torch.save(ckpt["model"], path)
+        extra = dict(MODEL_DIM=96)
+        needles = ("ckpt.pt does not fit this model", "app_emb is (4, 64), this model's (4, 96)", "shape variables")
+    else:
+        torch.save({"step": 3}, path)
+        needles = ("ckpt.pt: not a checkpoint of this script",)
+    error_of(tiny_env(corpus, RUN_ID="bad", EXPORT_FROM=path, **extra), tmp_path, *needles)
