@@ -1008,15 +1008,12 @@ def input_groups(model):
 @dataclasses.dataclass
 class ExportPlan:
     """The export, decided once: `rounds` of (CastedLinear names, whether their Hessians are collected first,
-    on the model as quantized so far), the bits of every quantized tensor, and the seconds training leaves
-    for calibration."""
+    on the model as quantized so far), the bits of every quantized tensor, whether it reads calibration data,
+    and the seconds training leaves for that."""
     rounds: list
     bits: dict
+    calibrate: bool
     reserve_s: float
-
-    @property
-    def calibrate(self):
-        return any(hessian for _, hessian in self.rounds)
 
 
 def export_plan(h, model):
@@ -1034,9 +1031,8 @@ def export_plan(h, model):
         for is_crawler, segment in itertools.groupby(input_groups(model), key=lambda g: g[1]):
             segment = [names for names, _ in segment]
             rounds += [(names, True) for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)) for names in segment]
-    plan = ExportPlan(rounds, bits, 0.0)
-    plan.reserve_s = h.gptq_reserve_seconds if plan.calibrate else 0.0
-    return plan
+    calibrate = any(hessian for _, hessian in rounds)
+    return ExportPlan(rounds, bits, calibrate, h.gptq_reserve_seconds if calibrate else 0.0)
 
 
 def quantize_model(model, plan, h, batches, run):
@@ -1565,19 +1561,15 @@ def train(h, run, model, compiled, val, plan):
     return Trained(step, train_ms, ema, loader, signum)
 
 
-def weights_digest(model, ema):
-    """sha256 of the live weights and the EMA: equal across ranks if and only if they trained the same model."""
+def ranks_identical(run, model, ema):
+    """Whether every rank holds the same live weights and EMA (sha256 of each rank's, gathered)."""
+    if run.world == 1:
+        return True
     digest = hashlib.sha256()
     for t in list(model.state_dict().values()) + (ema.shadow if ema is not None else []):
         digest.update(t.detach().float().cpu().numpy().tobytes())
-    return digest.hexdigest()
-
-
-def ranks_identical(run, digest):
-    if run.world == 1:
-        return True
     digests = [None] * run.world
-    dist.all_gather_object(digests, digest, group=run.ctrl)
+    dist.all_gather_object(digests, digest.hexdigest(), group=run.ctrl)
     return len(set(digests)) == 1
 
 
@@ -1664,7 +1656,7 @@ def train_or_load(h, run, model, compiled, val, plan, state, result):
     else:
         trained = train(h, run, model, compiled, val, plan)
     if not trained.signum:
-        same = ranks_identical(run, weights_digest(model, trained.ema))
+        same = ranks_identical(run, model, trained.ema)
         result.update(rank_weights_identical=same, steps=trained.steps, train_time_ms=round(trained.train_ms),
                       step_avg_ms=trained.train_ms / max(trained.steps, 1),
                       tokens_per_s=trained.steps * h.train_batch_tokens / max(trained.train_ms, 1e-9) * 1000)
