@@ -61,7 +61,7 @@ HEADER_RE = re.compile(r"^run \S+ \| torch (\S+) \| (\d+) x (.+?)(?: \| attentio
 SCORED_EVAL_KEYS = ("roundtrip_eval_s", "sliding_eval_s", "ttt_eval_s")
 # Per-run variables, shown on their own (SEED, NPROC_PER_NODE from world_size) or not at all (RUN_ID).
 PER_RUN_VARS = ("RUN_ID", "SEED", "NPROC_PER_NODE")
-SHELL_DEFAULT_RE = re.compile(r'"\$\{(\w+):=([^}]*)\}"')  # one `"${VAR:=value}"` of a `: ...` line
+SHELL_DEFAULT_RE = re.compile(r'"\$\{(\w+):=((?:\$\{\w+\}|[^}])*)\}"')  # one `"${VAR:=value}"` of a `: ...` line
 # A repository path in run.sh's text: data/x.py, ./data/x.py, presets/a.env, scripts/b.sh (not `$dir/data/...`).
 MENTION_RE = re.compile(r"(?<![\w./$-])(?:\./)?((?:data|presets|scripts)/[\w.-]+(?:/[\w.-]+)*)")
 
@@ -204,13 +204,20 @@ def support_files(run_sh):
 def shell_defaults(path):
     """{VAR: value} of the `: "${VAR:=value}"` lines of a bash file (several may share a line, as in presets).
     Indented ones (run.sh's SMOKE block) are conditional and skipped. The first assignment wins, as with bash's
-    :=. A value bash would expand ($(...), $VAR) maps to None: it cannot be compared with a run's value."""
+    :=. A command substitution $(...) maps to None: it cannot be compared with a run's value; ${VAR} references
+    stay, for `expand` once the preset's and run.sh's settings are merged."""
     out = {}
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         if line.startswith(": "):
             for name, value in SHELL_DEFAULT_RE.findall(line):
-                out.setdefault(name, None if "$" in value else value)
+                out.setdefault(name, None if "$(" in value else value)
     return out
+
+
+def expand(sets):
+    """Substitutes ${VAR} from the same settings (DATA_PATH follows VOCAB_SIZE); what stays unknown maps to None."""
+    sub = lambda v: re.sub(r"\$\{(\w+)\}", lambda m: sets.get(m[1]) or "$?", v)
+    return {k: None if v is None or "$" in sub(v) else sub(v) for k, v in sets.items()}
 
 
 def env_differences(env, sets):
@@ -249,7 +256,7 @@ def reproduce(runs, run_sh):
         sets = dict(shell_defaults(run_sh.parent / "presets" / f"{preset}.env")) if preset else {}
         for k, v in base.items():  # run.sh sources the preset first, so the preset's values win
             sets.setdefault(k, v)
-        diff, extra = env_differences(env, sets)
+        diff, extra = env_differences(env, expand(sets))
         if best is None or len(diff) + len(extra) < best[0]:  # ties keep the earlier: no preset, then by name
             best = (len(diff) + len(extra), preset, diff, extra)
     _, preset, diff, extra = best
@@ -406,8 +413,9 @@ def significance_lines(a, sig):
 
 def reproduce_lines(runs, repro, support, packed):
     seeds = [r["seed"] for r in runs]
-    out = ["## Reproduce", "", "From this folder, with the FineWeb sp1024 shards and tokenizer at ./data (or DATA_PATH "
-           "and TOKENIZER_PATH set; run.sh says how to fetch them when they are missing),"]
+    variant = f"sp{runs[0].get('config', {}).get('vocab_size', 1024)}"
+    out = ["## Reproduce", "", f"From this folder, with the FineWeb {variant} shards and tokenizer under ./data "
+           f"(`python3 data/cached_challenge_fineweb.py --variant {variant}`, or DATA_PATH and TOKENIZER_PATH set),"]
     if repro is None:
         out[-1] += " run once per seed:"
         out += ["", "```bash", "SEED=<seed> bash run.sh", "```", "",

@@ -452,7 +452,7 @@ def real_run_sh_env(tmp, *args, **outside):
     return {k: v for k, v in pairs if re.fullmatch(r"[A-Z][A-Z0-9_]*", k) and v and k not in shell}
 
 
-@pytest.mark.parametrize("preset", [None, "leg3", "ouroboros"])
+@pytest.mark.parametrize("preset", [None, "leg3", "ouroboros", "record"])
 def test_reproduce_command_against_the_real_run_sh(env, capsys, preset):
     args = [preset] if preset else []
     run_env = real_run_sh_env(env.tmp, *args, MATRIX_LR="0.0275")
