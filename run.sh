@@ -11,15 +11,10 @@ set -euo pipefail
 cd "$(dirname "$0")"
 set -a  # every variable assigned below (and in presets) is exported to train_gpt.py
 
-if [ $# -gt 0 ]; then
-  preset="presets/$1.env"
-  [ -f "$preset" ] || { echo "run.sh: no preset '$1' (have: $(ls presets | sed 's/\.env$//' | tr '\n' ' '))" >&2; exit 1; }
-  source "$preset"
-fi
-
 if [ "${SMOKE:-0}" = 1 ]; then
   # Tiny corpus from the docstrings of the installed Python standard library, a 512-piece tokenizer
-  # trained on it, shards, and a tiny crawler: the whole pipeline with no download.
+  # trained on it, shards, and a tiny model: the whole pipeline with no download. The sizes below win
+  # over a preset's; the preset's switches and layout still apply (SMOKE=1 bash run.sh record).
   smoke=data/datasets/smoke
   if [ ! -f "$smoke/fineweb_val_000000.bin" ]; then
     mkdir -p data/tokenizers
@@ -28,7 +23,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
       --train-tokenizer 512 --tokenizer-out data/tokenizers/smoke_512 --out-dir "$smoke" --overwrite
   fi
   : "${DATA_PATH:=$smoke}" "${TOKENIZER_PATH:=data/tokenizers/smoke_512.model}" "${VOCAB_SIZE:=512}"
-  : "${MODEL_DIM:=64}" "${NUM_HEADS:=4}" "${NUM_KV_HEADS:=2}" "${NUM_FLAT_LAYERS:=2}" "${CRAWLER_LOOPS:=2}"
+  : "${MODEL_DIM:=64}" "${NUM_HEADS:=4}" "${NUM_KV_HEADS:=2}"
   : "${TRAIN_SEQ_LEN:=128}" "${TRAIN_BATCH_TOKENS:=4096}" "${ITERATIONS:=120}"
   : "${MAX_WALLCLOCK_SECONDS:=0}" "${WARMUP_STEPS:=2}" "${MUON_MOMENTUM_WARMUP_STEPS:=40}" "${TRAIN_LOG_EVERY:=20}"
   : "${COMPILE:=0}" "${BIGRAM_VOCAB_SIZE:=512}" "${EMA_DECAY:=0.95}" "${GPTQ_CALIB_TOKENS:=16384}"
@@ -36,13 +31,22 @@ if [ "${SMOKE:-0}" = 1 ]; then
   : "${NPROC_PER_NODE:=1}" "${RUN_ID:=smoke_$(date +%Y%m%d_%H%M%S)}"  # a new RUN_ID per run: logs are never reused
 fi
 
-# Data
-: "${DATA_PATH:=./data/datasets/fineweb10B_sp1024}"
-: "${TOKENIZER_PATH:=./data/tokenizers/fineweb_1024_bpe.model}"
+if [ $# -gt 0 ]; then
+  preset="presets/$1.env"
+  [ -f "$preset" ] || { echo "run.sh: no preset '$1' (have: $(ls presets | sed 's/\.env$//' | tr '\n' ' '))" >&2; exit 1; }
+  source "$preset"
+fi
+if [ "${SMOKE:-0}" = 1 ]; then
+  : "${NUM_FLAT_LAYERS:=2}" "${CRAWLER_LOOPS:=2}"  # the smoke layout when no preset gives one
+fi
+
+# Data: the downloader's layout for the vocabulary (python3 data/cached_challenge_fineweb.py --variant sp8192)
 : "${VOCAB_SIZE:=1024}"
+: "${DATA_PATH:=./data/datasets/fineweb10B_sp${VOCAB_SIZE}}"
+: "${TOKENIZER_PATH:=./data/tokenizers/fineweb_${VOCAB_SIZE}_bpe.model}"
 : "${SEED:=1337}"
-# Layout: NUM_FLAT_LAYERS unique blocks (half encoder, half decoder) around NUM_CRAWLER_LAYERS shared
-# blocks run CRAWLER_LOOPS times; effective depth = flat + crawler x loops.
+# Layout: NUM_FLAT_LAYERS unique blocks (NUM_ENCODER_LAYERS before the crawler, default half) around
+# NUM_CRAWLER_LAYERS shared blocks run CRAWLER_LOOPS times; effective depth = flat + crawler x loops.
 : "${MODEL_DIM:=512}"
 : "${NUM_HEADS:=8}"
 : "${NUM_KV_HEADS:=4}"
@@ -78,7 +82,7 @@ fi
 set +a
 if ! ls "$DATA_PATH"/fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin >/dev/null 2>&1 || [ ! -f "$TOKENIZER_PATH" ]; then
   echo "run.sh: no FineWeb shards in $DATA_PATH or no tokenizer at $TOKENIZER_PATH." >&2
-  echo "Fetch them with:  python3 data/cached_challenge_fineweb.py --variant sp1024 --train-shards 80" >&2
+  echo "Fetch them with:  python3 data/cached_challenge_fineweb.py --variant sp${VOCAB_SIZE} --train-shards 80" >&2
   echo "(or point DATA_PATH/TOKENIZER_PATH at your own shards, or try SMOKE=1 bash run.sh)" >&2
   exit 1
 fi

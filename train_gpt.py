@@ -2,11 +2,11 @@
 
 A few unique "flat" blocks form a U-Net (encoder half, decoder half); between the halves one or more
 weight-shared "crawler" blocks run CRAWLER_LOOPS times, so depth costs no bytes. The model is a list of
-unique blocks plus a schedule of their applications; every application owns its control vectors
-(residual mix, output scales, q gain, an entry embedding), which is what lets the loops of a shared
-block differ. Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization,
-evaluation, training, main. Budget: at most 1,850 lines and 92 KB, because these bytes count against the
-16 MB artifact (records ship it lzma-packed: about 34 KB).
+unique blocks plus a schedule of their applications; by default every application owns its control
+vectors (residual mix, output scales, q gain, an entry embedding), which is what lets the loops of a
+shared block differ. Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization,
+evaluation, training, main. Budget: at most 2,000 lines and 100 KB, because these bytes count against the
+16 MB artifact (records ship it lzma-packed: about 37 KB).
 
 Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
 """
@@ -91,8 +91,11 @@ def floats(text):
 class Hyperparameters:
     """Every environment variable the script reads, with its default; README.md documents each."""
 
-    # 0 means "follows another setting": (setting, the one it follows), resolved in this order
-    DERIVED = (("eval_seq_len", "train_seq_len"), ("eval_stride", "eval_seq_len"), ("crawler_quant_bits", "quant_bits"))
+    # 0 or empty means "follows other settings": (setting, its value then), resolved in this order
+    DERIVED = (("eval_seq_len", lambda h: h.train_seq_len), ("eval_stride", lambda h: h.eval_seq_len),
+               ("crawler_quant_bits", lambda h: h.quant_bits),
+               ("data_path", lambda h: f"./data/datasets/fineweb10B_sp{h.vocab_size}"),  # the downloader's layout
+               ("tokenizer_path", lambda h: f"./data/tokenizers/fineweb_{h.vocab_size}_bpe.model"))
 
     def __init__(self, environ=os.environ):
         r = EnvReader(environ)
@@ -101,8 +104,8 @@ class Hyperparameters:
         f = lambda n, d, **k: r.read(n, d, float, **k)
         b = lambda n, d: r.read(n, d, flag)
         # Data and run identity
-        self.data_path = s("DATA_PATH", "./data/datasets/fineweb10B_sp1024")  # fineweb_{train,val}_NNNNNN.bin
-        self.tokenizer_path = s("TOKENIZER_PATH", "./data/tokenizers/fineweb_1024_bpe.model")
+        self.data_path = s("DATA_PATH", "")  # fineweb_{train,val}_NNNNNN.bin; empty = fineweb10B_sp<VOCAB_SIZE>
+        self.tokenizer_path = s("TOKENIZER_PATH", "")  # empty = fineweb_<VOCAB_SIZE>_bpe.model
         self.run_id = s("RUN_ID", datetime.datetime.now().strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
         self.seed = i("SEED", 1337, lo=0)
         # Training length, batch and schedule
@@ -123,10 +126,16 @@ class Hyperparameters:
             self.model_dim = i("MODEL_DIM", 512, lo=8)
             self.num_heads = i("NUM_HEADS", 8, lo=1)
             self.num_kv_heads = i("NUM_KV_HEADS", 4, lo=1)
-            self.num_flat_layers = i("NUM_FLAT_LAYERS", 4, lo=0)  # unique blocks: first half encoder, rest decoder
+            self.num_flat_layers = i("NUM_FLAT_LAYERS", 4, lo=0)  # unique blocks: encoder flats, then decoder flats
+            self.num_encoder_layers = i("NUM_ENCODER_LAYERS", -1, lo=-1)  # flats before the crawler; -1 = half
             self.num_crawler_layers = i("NUM_CRAWLER_LAYERS", 1, lo=1)  # shared blocks run once per loop
             self.crawler_loops = i("CRAWLER_LOOPS", 3, lo=0)  # 0 = plain U-Net GPT of the flat blocks
             self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
+            self.control_vectors = s("CONTROL_VECTORS", "application", choices=("application", "block"))  # per application or block
+            self.unet_skips = s("UNET_SKIPS", "flat", choices=("flat", "executed"))  # U-Net skip pairs: see route()
+            self.skip_gate = b("SKIP_GATE", False)  # skip enters as lerp(w * skip, x, sigmoid(gate)) instead of x + w * skip
+            self.parallel_last_n = i("PARALLEL_LAST_N", 0, lo=0)  # last N applications: attention and MLP in two lanes
+            self.attn_gate = b("ATTN_GATE", False)  # per head sigmoid gate on attention output, from the input's first dims
             self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
             self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
             self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
@@ -140,6 +149,7 @@ class Hyperparameters:
             self.smear_gate = b("SMEAR_GATE", True)
             self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
         self.qk_gain_init = f("QK_GAIN_INIT", 4.0, lo=0)
+        self.crawler_start_frac = f("CRAWLER_START_FRAC", 0.0, lo=0, hi=1)  # crawler runs once until this share of the budget
         self.tied_embed_init_std = f("TIED_EMBED_INIT_STD", 0.005, lo=0)
         # Optimizers
         self.matrix_lr = f("MATRIX_LR", 0.03, lo=0)  # Muon, block matrices
@@ -149,6 +159,8 @@ class Hyperparameters:
         self.muon_momentum_warmup_start = f("MUON_MOMENTUM_WARMUP_START", 0.92, lo=0, hi=1)
         self.muon_momentum_warmup_steps = i("MUON_MOMENTUM_WARMUP_STEPS", 1500, lo=0)
         self.muon_backend_steps = i("MUON_BACKEND_STEPS", 5, lo=1)
+        self.muon_ns = s("MUON_NS", "classic", choices=("classic", "polar"))  # Newton-Schulz coefficients: see NS_COEFFS
+        self.muon_row_norm = b("MUON_ROW_NORM", False)  # MuonEq-R: unit-norm rows before orthogonalising
         self.muon_wd = f("MUON_WD", 0.04, lo=0)
         self.embed_wd = f("EMBED_WD", 0.04, lo=0)
         self.scalar_wd = f("SCALAR_WD", 0.0, lo=0)
@@ -204,9 +216,11 @@ class Hyperparameters:
 
     def resolve(self):
         """Fills the settings whose default depends on others (0 = derived), then checks the whole."""
-        for k, source in self.DERIVED:
+        for k, value in self.DERIVED:
             if k in self.derived:
-                setattr(self, k, getattr(self, source))
+                setattr(self, k, value(self))
+        if self.num_encoder_layers < 0:
+            self.num_encoder_layers = self.num_flat_layers // 2
         self.check()
 
     def model_config(self):
@@ -226,6 +240,8 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims}: must be even and at most the head dim {d // h}")
         if self.num_flat_layers + self.crawler_loops == 0:
             raise ConfigError("NUM_FLAT_LAYERS=0 with CRAWLER_LOOPS=0 leaves no blocks; set one of them above 0")
+        if self.num_encoder_layers > self.num_flat_layers:
+            raise ConfigError(f"NUM_ENCODER_LAYERS={self.num_encoder_layers}: at most NUM_FLAT_LAYERS={self.num_flat_layers}")
         scales = self.crawler_loop_rope_scales
         if scales and (len(scales) != self.crawler_loops or not all(0 < s < math.inf for s in scales)):
             raise ConfigError(f"CRAWLER_LOOP_ROPE_SCALES={','.join(map(str, scales))}: give {self.crawler_loops} positive values, one per loop")
@@ -383,7 +399,8 @@ def heartbeat(log, label):
 # DATA: challenge shards = 256 little-endian int32 header (magic, version, token count), uint16 tokens
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, BOS_ID = 20240520, 1, 1024, 1
-FETCH_HINT = "fetch FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024` or build shards with data/build_shards.py"
+FETCH_HINT = ("fetch FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024` (sp8192 for VOCAB_SIZE=8192) "
+              "or build shards with data/build_shards.py")
 
 
 def open_shard(path):
@@ -599,13 +616,17 @@ def exclusive(y, v):
 
 
 class Attention(nn.Module):
-    def __init__(self, dim, heads, kv_heads, xsa):
+    """GQA with q/k RMS norm, partial RoPE, per-head q gain; optional XSA and a per-head output gate
+    sigmoid(W x[:12]) read from the first dims of the input (zero init: every head starts at one half)."""
+
+    def __init__(self, dim, heads, kv_heads, xsa, gate, gate_width=12):
         super().__init__()
         self.heads, self.kv_heads, self.head_dim, self.xsa = heads, kv_heads, dim // heads, xsa
         self.c_q = CastedLinear(dim, dim)
         self.c_k = CastedLinear(dim, kv_heads * self.head_dim)
         self.c_v = CastedLinear(dim, kv_heads * self.head_dim)
         self.proj = CastedLinear(dim, dim, zero_init=True)
+        self.gate = nn.Parameter(torch.zeros(heads, min(gate_width, dim))) if gate else None
 
     def forward(self, x, cos, sin, q_gain):
         B, T, _ = x.shape
@@ -617,6 +638,8 @@ class Attention(nn.Module):
         y = attend(q.to(v.dtype), k.to(v.dtype), v)
         if self.xsa:
             y = exclusive(y, v)
+        if self.gate is not None:
+            y = y * torch.sigmoid(x[..., :self.gate.size(1)] @ self.gate.T.to(x.dtype))[..., None]
         return self.proj(y.reshape(B, T, -1))
 
 
@@ -633,20 +656,34 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
+Control = collections.namedtuple("Control", "mix attn_scale mlp_scale q_gain ln cos sin lane_resid lane_post")
+
+
 class Block(nn.Module):
-    """The matrices of one unique block; the control vectors come from the schedule position."""
+    """The matrices of one unique block; the control vectors (`Control`) come from the schedule position."""
 
     def __init__(self, h, mlp_mult, xsa):
         super().__init__()
         slope = h.mlp_leaky_slope if h.mlp_act == "leaky_relu_sq" else 0.0
-        self.attn = Attention(h.model_dim, h.num_heads, h.num_kv_heads, xsa)
+        self.attn = Attention(h.model_dim, h.num_heads, h.num_kv_heads, xsa, h.attn_gate)
         self.mlp = MLP(h.model_dim, mlp_mult, slope)
 
-    def forward(self, x, x0, mix, attn_scale, mlp_scale, q_gain, ln, cos, sin):
-        mix, attn_scale, mlp_scale, ln = (t.to(x.dtype) for t in (mix, attn_scale, mlp_scale, ln))
-        x = mix[0] * x + mix[1] * x0
-        x = x + attn_scale * self.attn(rms_norm(x) * ln, cos, sin, q_gain)
-        return x + mlp_scale * self.mlp(rms_norm(x) * ln)
+    def forward(self, x, x0, c):
+        """Serial: attention reads the mixed stream, the MLP reads the stream after attention."""
+        x = c.mix[0].to(x.dtype) * x + c.mix[1].to(x.dtype) * x0
+        x = x + self._attn(x, c)
+        return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * c.ln)
+
+    def _attn(self, x, c):
+        return c.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * c.ln, c.cos, c.sin, c.q_gain)
+
+    def parallel(self, lanes, x0, c):
+        """Two lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both read before either
+        writes; each lane keeps resid x itself and gains post[source] x each branch's output."""
+        a = self._attn(c.mix[0].to(x0.dtype) * lanes[0] + c.mix[1].to(x0.dtype) * x0, c)
+        m = c.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lanes[1]) * c.ln)
+        resid, post = c.lane_resid.to(x0.dtype), c.lane_post.to(x0.dtype)
+        return [resid[i] * lanes[i] + post[0, i] * a + post[1, i] * m for i in range(2)]
 
 
 class BigramHash(nn.Module):
@@ -681,12 +718,38 @@ class SmearGate(nn.Module):
         return x + gate[..., None] * F.pad(x[:, :-1], (0, 0, 1, 0))
 
 
-def build_schedule(n_flat, n_crawl, loops):
+def build_schedule(n_flat, n_enc, n_crawl, loops):
     """(block index, role, loop) per application: encoder flats, loops x crawler blocks, decoder flats."""
-    enc = [(j, "enc", -1) for j in range(n_flat // 2)]
+    enc = [(j, "enc", -1) for j in range(n_enc)]
     mid = [(n_flat + c, "mid", k) for k in range(loops) for c in range(n_crawl)]
-    dec = [(j, "dec", -1) for j in range(n_flat // 2, n_flat)]
+    dec = [(j, "dec", -1) for j in range(n_enc, n_flat)]
     return enc + mid + dec
+
+
+Route = collections.namedtuple("Route", "positions receive save lanes_from")
+Route.__doc__ = """One way through the schedule: the positions it runs, in order; per application the skip it receives
+(index into the skip weights, -1 for none) and whether its output is saved for a skip; the index from which
+on the stream runs as two parallel lanes."""
+
+
+def route(schedule, positions, executed_skips, parallel_last_n):
+    """U-Net skips pair saved outputs last-in first-out with the first receiving applications: flat skips
+    connect encoder flats to decoder flats, executed skips the first half of the applications run to the
+    second half (so crawler applications connect too)."""
+    n = len(positions)
+    roles = [schedule[p][1] for p in positions]
+    save = [i < n // 2 for i in range(n)] if executed_skips else [r == "enc" for r in roles]
+    dec = [i >= n // 2 for i in range(n)] if executed_skips else [r == "dec" for r in roles]
+    n_skip = min(sum(save), sum(dec))
+    receive, k = [], 0
+    for d in dec:
+        receive.append(k if d and k < n_skip else -1)
+        k += d
+    lanes_from = n - min(parallel_last_n, n)
+    if any(save[lanes_from:]):
+        raise ConfigError(f"PARALLEL_LAST_N={parallel_last_n}: the lanes must start after the last application whose "
+                          f"output feeds a U-Net skip (at most {n - 1 - max(i for i, v in enumerate(save) if v)} here)")
+    return Route(positions, receive, save, lanes_from)
 
 
 class GPT(nn.Module):
@@ -697,23 +760,33 @@ class GPT(nn.Module):
         xsa = h.xsa_flags()
         self.blocks = nn.ModuleList([Block(h, h.mlp_mult, xsa[j]) for j in range(n_flat)] +
                                     [Block(h, h.crawler_mlp_mult, xsa[n_flat + c]) for c in range(n_crawl)])
-        self.schedule = build_schedule(n_flat, n_crawl, h.crawler_loops)
+        self.schedule = build_schedule(n_flat, h.num_encoder_layers, n_crawl, h.crawler_loops)
         P = len(self.schedule)
+        # Two routes: every loop (training from CRAWLER_START_FRAC on, export, eval), and the crawler once.
+        once = [p for p, (_, _, k) in enumerate(self.schedule) if k <= 0]
+        self.routes = {True: route(self.schedule, list(range(P)), h.unet_skips == "executed", h.parallel_last_n),
+                       False: route(self.schedule, once, h.unet_skips == "executed", h.parallel_last_n)}
+        self.looping = True  # which route the forward takes
         self.softcap, self.head_lora = h.logit_softcap, None
         self.stream_dtype = torch.bfloat16 if h.stream_dtype == "bf16" else torch.float32
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size else None
         self.smear = SmearGate() if h.smear_gate else None
-        # Control vectors, one row per schedule position (a crawler block gets one row per loop).
-        self.app_emb = nn.Parameter(torch.zeros(P, d))  # added to the stream on entry: tells a loop apart
-        self.resid_mix = nn.Parameter(torch.stack([torch.ones(P, d), torch.zeros(P, d)], 1))
-        self.attn_scale = nn.Parameter(torch.ones(P, d))
-        self.mlp_scale = nn.Parameter(torch.ones(P, d))
-        self.q_gain = nn.Parameter(torch.full((P, h.num_heads), h.qk_gain_init))
-        n_skip = min(n_flat // 2, n_flat - n_flat // 2)
+        # Control vectors: one row per schedule position (a crawler block gets one row per loop), or per block.
+        self.row = list(range(P)) if h.control_vectors == "application" else [j for j, _, _ in self.schedule]
+        R = max(self.row, default=-1) + 1
+        self.app_emb = nn.Parameter(torch.zeros(R, d)) if h.control_vectors == "application" else None  # tells loops apart
+        self.resid_mix = nn.Parameter(torch.stack([torch.ones(R, d), torch.zeros(R, d)], 1))
+        self.attn_scale = nn.Parameter(torch.ones(R, d))
+        self.mlp_scale = nn.Parameter(torch.ones(R, d))
+        self.q_gain = nn.Parameter(torch.full((R, h.num_heads), h.qk_gain_init))
+        lanes = h.parallel_last_n > 0
+        self.lane_resid = nn.Parameter(torch.full((R, 2), 1.1)) if lanes else None  # [row, lane]
+        self.lane_post = nn.Parameter(torch.ones(R, 2, 2)) if lanes else None  # [row, attn/mlp, lane]
+        n_skip = max(sum(k >= 0 for k in r.receive) for r in self.routes.values())
         self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
-        ln = [1 / math.sqrt(p + 1) if h.ln_scale else 1.0 for p in range(P)]
-        self.register_buffer("ln", torch.tensor(ln), persistent=False)
+        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if h.skip_gate else None
+        self.ln = [1 / math.sqrt(p + 1) if h.ln_scale else 1.0 for p in range(P)]
         # RoPE: table 0 for flat blocks, table 1+k for crawler loop k when per-loop scales are given.
         scales = (1.0,) + tuple(h.crawler_loop_rope_scales)
         self.rope_index = [1 + k if (role == "mid" and h.crawler_loop_rope_scales) else 0 for _, role, k in self.schedule]
@@ -731,6 +804,19 @@ class GPT(nn.Module):
             for m in self.blocks[j].modules():
                 if isinstance(m, CastedLinear):
                     m.qat_bits = bits
+
+    def control(self, p, dtype):
+        """Application p's control vectors, and the vector it adds to the stream on entry."""
+        r, t = self.row[p], self.rope_index[p]
+        lane = [None if m is None else m[r] for m in (self.lane_resid, self.lane_post)]
+        c = Control(self.resid_mix[r], self.attn_scale[r], self.mlp_scale[r], self.q_gain[r], self.ln[p],
+                    self.rope_cos[t], self.rope_sin[t], *lane)
+        return c, 0 if self.app_emb is None else self.app_emb[r].to(dtype)
+
+    def skip(self, x, saved, k):
+        """x + w * saved, or with SKIP_GATE lerp(w * saved, x, sigmoid(gate)): at init half of each."""
+        s = self.skip_weights[k].to(x.dtype) * saved
+        return x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
 
     def _init_weights(self, embed_std):
         nn.init.normal_(self.tok_emb.weight, std=embed_std)
@@ -750,17 +836,24 @@ class GPT(nn.Module):
             x = self.smear(x, idx)
         if idx.is_cuda:  # the residual stream's dtype (CPU runs stay fp32)
             x = x.to(self.stream_dtype)
-        x0, skips, n_dec = x, [], 0
-        for p, (j, role, _) in enumerate(self.schedule):
-            if role == "dec":
-                if skips:
-                    x = x + self.skip_weights[n_dec].to(x.dtype) * skips.pop()
-                n_dec += 1
-            r = self.rope_index[p]
-            x = self.blocks[j](x + self.app_emb[p].to(x.dtype), x0, self.resid_mix[p], self.attn_scale[p], self.mlp_scale[p],
-                               self.q_gain[p], self.ln[p], self.rope_cos[r], self.rope_sin[r])
-            if role == "enc":
+        x0, skips, lanes = x, [], None
+        r = self.routes[self.looping]
+        for i, p in enumerate(r.positions):
+            if i == r.lanes_from:
+                lanes = [x, x]
+            if r.receive[i] >= 0 and lanes:  # a skip enters lane 0
+                lanes[0] = self.skip(lanes[0], skips.pop(), r.receive[i])
+            elif r.receive[i] >= 0:
+                x = self.skip(x, skips.pop(), r.receive[i])
+            c, emb, j = *self.control(p, x.dtype), self.schedule[p][0]
+            if lanes:
+                lanes = self.blocks[j].parallel([t + emb for t in lanes], x0, c)
+            else:
+                x = self.blocks[j](x + emb, x0, c)
+            if r.save[i]:
                 skips.append(x)
+        if lanes:
+            x = 0.5 * (lanes[0] + lanes[1])
         x = rms_norm(x)
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         if self.head_lora is not None:
@@ -774,27 +867,40 @@ class GPT(nn.Module):
 # OPTIMIZERS
 
 
-def newton_schulz(G, steps):
+# Quintic Newton-Schulz coefficients (a, b, c) per iteration, the last one repeating: Muon's classic fixed
+# triple, or Polar Express (Amsel et al. 2025), tuned per step to push every singular value towards 1 sooner.
+NS_COEFFS = {"classic": ((3.4445, -4.7750, 2.0315),),
+             "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
+                       (4.042929935166739, -2.808917465908714, 0.5000178451051316),
+                       (3.8916678022926607, -2.772484153217685, 0.5060648178503393),
+                       (3.285753657755655, -2.3681294933425376, 0.46449024233003106),
+                       (2.3465413258596377, -1.7097828382687081, 0.42323551169305323))}
+
+
+def newton_schulz(G, steps, coeffs=NS_COEFFS["classic"]):
     """Approximate orthogonalisation U V^T of a batch of matrices [n, rows, cols] (Muon's quintic iteration)."""
-    a, b, c = 3.4445, -4.7750, 2.0315
     X = G.bfloat16()
     tall = X.size(-2) > X.size(-1)
     if tall:
         X = X.mT
     X = X / (X.norm(dim=(-2, -1), keepdim=True) + 1e-7)
-    for _ in range(steps):
+    for s in range(steps):
+        a, b, c = coeffs[min(s, len(coeffs) - 1)]
         A = X @ X.mT
         X = a * X + (b * A + c * A @ A) @ X
     return X.mT if tall else X
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised by Newton-Schulz, decoupled weight decay. Same-shape matrices are
-    stacked into one batched call; with several ranks each orthogonalises a share and all-gathers."""
+    """Nesterov momentum, orthogonalised by Newton-Schulz (`coeffs`), decoupled weight decay; with `row_norm`
+    (MuonEq-R) each row of the update is scaled to unit norm first. Same-shape matrices are stacked into one
+    batched call; with several ranks each orthogonalises a share and all-gathers."""
 
-    def __init__(self, params, lr, momentum, backend_steps, wd, rank=0, world=1, zeropower=newton_schulz):
+    def __init__(self, params, lr, momentum, backend_steps, wd, rank=0, world=1, zeropower=newton_schulz,
+                 coeffs=NS_COEFFS["classic"], row_norm=False):
         super().__init__(list(params), dict(lr=lr, momentum=momentum, wd=wd))
         self.steps, self.rank, self.world, self.zeropower = backend_steps, rank, world, zeropower
+        self.coeffs, self.row_norm = coeffs, row_norm
         by_shape = {}
         for p in self.param_groups[0]["params"]:
             by_shape.setdefault(tuple(p.shape), []).append(p)
@@ -815,7 +921,10 @@ class Muon(torch.optim.Optimizer):
                     buf = self.state[p].setdefault("momentum", torch.zeros_like(p))
                     buf.mul_(mom).add_(p.grad)
                     grads.append(p.grad.add(buf, alpha=mom))
-                updates[:len(mine)] = self.zeropower(torch.stack(grads), self.steps)
+                G = torch.stack(grads)
+                if self.row_norm:
+                    G = G / G.norm(dim=-1, keepdim=True).clamp_min(1e-7)
+                updates[:len(mine)] = self.zeropower(G, self.steps, self.coeffs)
             if self.world > 1:
                 gathered = torch.empty((share * self.world, rows, cols), device=updates.device, dtype=updates.dtype)
                 dist.all_gather_into_tensor(gathered, updates)
@@ -848,7 +957,8 @@ def build_optimizers(model, h, run, zeropower):
     matrices, embeds, scalars = param_groups(model)
     check_param_groups(model, (matrices, embeds, scalars))
     adam = dict(betas=(h.beta1, h.beta2), eps=h.adam_eps, fused=next(model.parameters()).is_cuda)
-    opts = [Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, run.rank, run.world, zeropower),
+    opts = [Muon(matrices, h.matrix_lr, h.muon_momentum, h.muon_backend_steps, h.muon_wd, run.rank, run.world, zeropower,
+                 NS_COEFFS[h.muon_ns], h.muon_row_norm),
             torch.optim.AdamW([dict(params=embeds, lr=h.embed_lr, weight_decay=h.embed_wd),
                                dict(params=scalars, lr=h.scalar_lr, weight_decay=h.scalar_wd)], **adam)]
     for opt in opts:
@@ -1459,15 +1569,18 @@ class Trainer:
         return total
 
     def warmup(self, steps, micro_seqs, seq_len, vocab, device):
-        """Runs `steps` steps on random tokens to compile every graph, then restores model and optimizer
-        state exactly, so warm-up neither trains the model nor touches data. Call before creating the EMA."""
+        """Runs `steps` steps on random tokens per route training takes (crawler once, every loop), so every
+        graph compiles before the clock starts, then restores model and optimizer state exactly: warm-up
+        neither trains the model nor touches data. Call before creating the EMA."""
         if not steps:
             return
         gen = torch.Generator().manual_seed(0)
         with rolled_back(self.model, self.opts):
-            for s in range(steps):
-                toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
-                self.step([(t[:, :-1], t[:, 1:]) for t in toks], *schedule(s, 0.0, self.h))
+            for looping in (False, True) if self.h.crawler_start_frac else (True,):
+                self.model.looping = looping
+                for s in range(steps):
+                    toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
+                    self.step([(t[:, :-1], t[:, 1:]) for t in toks], *schedule(s, 0.0, self.h))
 
 
 def save_atomic(obj, path):
@@ -1535,7 +1648,12 @@ def train(h, run, model, compiled, val, plan):
     t0 = time.perf_counter()
     with deferred_signals() as signals:
         while not stop:
-            lr_mult, momentum = schedule(step, elapsed / budget_ms if budget_ms else step / h.iterations, h)
+            progress = elapsed / budget_ms if budget_ms else step / h.iterations
+            lr_mult, momentum = schedule(step, progress, h)
+            if model.looping != (progress >= h.crawler_start_frac):
+                model.looping = not model.looping
+                run.log(f"step {step}: the crawler runs {'every loop' if model.looping else 'once'} "
+                        f"(progress {progress:.3f}, CRAWLER_START_FRAC={h.crawler_start_frac})")
             loss = trainer.step(loader.next_step(micro_seqs, accum), lr_mult, momentum)
             step += 1
             own = train_ms + 1000 * (time.perf_counter() - t0)
@@ -1553,6 +1671,7 @@ def train(h, run, model, compiled, val, plan):
     run.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
     model.set_qat(0)
+    model.looping = True  # export and every evaluation run all loops
     run.log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)"
             + (f", interrupted by {signal.Signals(signum).name}" if signum else ""))
     new = [b - a for a, b in zip(graphs, compile_stats())]
@@ -1625,6 +1744,11 @@ def prepare(h, run):
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
             f" | xsa {h.xsa_flags()}")
+    for looping in (True, False) if h.crawler_start_frac else (True,):
+        r = model.routes[looping]
+        run.log(f"route, crawler {'every loop' if looping else 'once'} (block: * saved for a skip, + receives one, = in "
+                "two lanes): " + " ".join("+" * (r.receive[i] >= 0) + str(model.schedule[p][0]) + "*" * r.save[i]
+                                          + "=" * (i >= r.lanes_from) for i, p in enumerate(r.positions)))
     flops = 6 * n_params * h.train_batch_tokens
     if not run.is_cuda and not (h.eval_only or h.export_from) and flops > 1e12:
         run.log(f"warning: training on the CPU at about {flops:.0e} FLOPs per step takes minutes per step; this "

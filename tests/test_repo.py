@@ -1,5 +1,6 @@
 """The user-facing surface stays consistent: run.sh defaults equal train_gpt.py's, README documents every
 variable and the test command CI runs, and run.sh explains missing data instead of failing obscurely."""
+import json
 import os
 import re
 import shutil
@@ -29,12 +30,13 @@ def test_readme_documents_every_variable():
 
 
 def test_run_sh_defaults_match_script_defaults():
-    defaults = dict(re.findall(r'^: "\$\{(\w+):=([^}]*)\}"', (REPO / "run.sh").read_text(), re.M))
+    defaults = dict(re.findall(r'^: "\$\{(\w+):=(.*)\}"', (REPO / "run.sh").read_text(), re.M))
     h = T.Hyperparameters({})
-    assert len(defaults) > 20
+    assert len(defaults) > 20 and defaults["DATA_PATH"] == "./data/datasets/fineweb10B_sp${VOCAB_SIZE}"
     for name, value in defaults.items():
         if name in ("RUN_ID",):
             continue
+        value = re.sub(r"\$\{(\w+)\}", lambda m: defaults[m[1]], value)
         ours = getattr(h, name.lower())
         parsed = T.Hyperparameters({name: value}) if value else h
         assert getattr(parsed, name.lower()) == ours, (name, value, ours)
@@ -60,6 +62,10 @@ def test_run_sh_without_data_says_how_to_fetch(tmp_path):
     assert proc.returncode == 1
     assert "python3 data/cached_challenge_fineweb.py --variant sp1024" in proc.stderr
     assert "Traceback" not in proc.stderr
+    env = dict(os.environ, VOCAB_SIZE="8192")  # the default paths and the hint follow the vocabulary
+    env.pop("DATA_PATH", None)
+    proc = subprocess.run(["bash", str(REPO / "run.sh")], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--variant sp8192" in proc.stderr and "fineweb10B_sp8192" in proc.stderr
 
 
 def test_run_sh_rejects_unknown_preset():
@@ -74,6 +80,12 @@ def test_presets_parse(tmp_path):
         env = dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
         h = T.Hyperparameters(env)  # every value parses
         assert h.crawler_loops in (2, 3) and h.xsa_blocks == "crawler"
+    out = subprocess.run(["bash", "-c", "set -eua; source presets/record.env; env"], cwd=REPO, capture_output=True,
+                         text=True, check=True, env={"PATH": os.environ["PATH"]}).stdout
+    h = T.Hyperparameters(dict(line.split("=", 1) for line in out.splitlines() if "=" in line))
+    model = T.GPT(h)
+    assert len(model.blocks) == 11 and len(model.schedule) == 17 and h.vocab_size == 8192
+    assert sum(p.numel() for p in model.parameters()) > 35e6  # the record's 36M, plus our BigramHash and control rows
 
 
 def test_smoke_run_end_to_end(tmp_path):
@@ -87,3 +99,11 @@ def test_smoke_run_end_to_end(tmp_path):
     assert re.fullmatch(r"smoke_\d{8}_\d{6}\.txt", log.name)
     final = log.read_text().strip().splitlines()[-1]
     assert final.startswith('{"event": "final"') and '"steps": 60' in final
+    # the record preset at smoke sizes: its layout and switches, the smoke width, vocabulary and data
+    env.update(ITERATIONS="4", QUANT_METHOD="rtn", EVAL_STRIDE="0", RUN_ID="smoke_record")
+    proc = subprocess.run(["bash", "run.sh", "record"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    final = json.loads((work / "logs/smoke_record.txt").read_text().strip().splitlines()[-1])
+    c = final["config"]
+    assert (c["model_dim"], c["vocab_size"], c["num_flat_layers"], c["num_encoder_layers"], c["parallel_last_n"],
+            c["unet_skips"], c["muon_ns"]) == (64, 512, 8, 3, 3, "executed", "polar")
