@@ -14,7 +14,7 @@ set -a  # every variable assigned below (and in presets) is exported to train_gp
 if [ "${SMOKE:-0}" = 1 ]; then
   # Tiny corpus from the docstrings of the installed Python standard library, a 512-piece tokenizer
   # trained on it, shards, and a tiny model: the whole pipeline with no download. The sizes below win
-  # over a preset's; the preset's switches and layout still apply (SMOKE=1 bash run.sh record).
+  # over a preset's; the preset's layout and other settings still apply (SMOKE=1 bash run.sh record).
   smoke=data/datasets/smoke
   if [ ! -f "$smoke/fineweb_val_000000.bin" ]; then
     mkdir -p data/tokenizers
@@ -26,7 +26,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   : "${MODEL_DIM:=64}" "${NUM_HEADS:=4}" "${NUM_KV_HEADS:=2}"
   : "${TRAIN_SEQ_LEN:=128}" "${TRAIN_BATCH_TOKENS:=4096}" "${ITERATIONS:=120}"
   : "${MAX_WALLCLOCK_SECONDS:=0}" "${WARMUP_STEPS:=2}" "${MUON_MOMENTUM_WARMUP_STEPS:=40}" "${TRAIN_LOG_EVERY:=20}"
-  : "${COMPILE:=0}" "${BIGRAM_VOCAB_SIZE:=512}" "${EMA_DECAY:=0.95}" "${GPTQ_CALIB_TOKENS:=16384}"
+  : "${COMPILE:=0}" "${BIGRAM_VOCAB_SIZE:=512}" "${GPTQ_CALIB_TOKENS:=16384}"
   : "${OMP_NUM_THREADS:=1}"  # one CPU thread: two spin-waiting ones are 4x slower on a busy 2-core machine
   : "${NPROC_PER_NODE:=1}" "${RUN_ID:=smoke_$(date +%Y%m%d_%H%M%S)}"  # a new RUN_ID per run: logs are never reused
 fi
@@ -37,7 +37,7 @@ if [ $# -gt 0 ]; then
   source "$preset"
 fi
 if [ "${SMOKE:-0}" = 1 ]; then
-  : "${NUM_FLAT_LAYERS:=2}" "${CRAWLER_LOOPS:=2}"  # the smoke layout when no preset gives one
+  : "${NUM_FLAT_LAYERS:=2}" "${CRAWLER_LOOPS:=2}" "${EMA_DECAY:=0.95}"  # when no preset sets them
 fi
 
 # Data: the downloader's layout for the vocabulary (python3 data/cached_challenge_fineweb.py --variant sp8192)

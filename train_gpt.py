@@ -226,9 +226,13 @@ class Hyperparameters:
     def model_config(self):
         return {k: getattr(self, k) for k in self.model_keys}
 
+    # What a checkpoint or artifact written before a shape setting existed was built with.
+    LEGACY_SHAPE = dict(num_encoder_layers=-1, control_vectors="application", unet_skips="flat", skip_gate=False,
+                        parallel_last_n=0, attn_gate=False)
+
     def use_model_config(self, config):
         """The architecture of a checkpoint or artifact replaces the environment's; derived defaults follow it."""
-        for k, v in config.items():
+        for k, v in {**self.LEGACY_SHAPE, **config}.items():
             setattr(self, k, tuple(v) if isinstance(v, list) else v)
         self.resolve()
 
@@ -240,6 +244,11 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims}: must be even and at most the head dim {d // h}")
         if self.num_flat_layers + self.crawler_loops == 0:
             raise ConfigError("NUM_FLAT_LAYERS=0 with CRAWLER_LOOPS=0 leaves no blocks; set one of them above 0")
+        if self.crawler_start_frac >= 1:
+            raise ConfigError(f"CRAWLER_START_FRAC={self.crawler_start_frac}: must be below 1 (the loops must train)")
+        if self.muon_ns == "polar" and self.muon_backend_steps != len(NS_COEFFS["polar"]):
+            raise ConfigError(f"MUON_BACKEND_STEPS={self.muon_backend_steps}: MUON_NS=polar is tuned for exactly "
+                              f"{len(NS_COEFFS['polar'])} steps")
         if self.num_encoder_layers > self.num_flat_layers:
             raise ConfigError(f"NUM_ENCODER_LAYERS={self.num_encoder_layers}: at most NUM_FLAT_LAYERS={self.num_flat_layers}")
         scales = self.crawler_loop_rope_scales
@@ -762,10 +771,12 @@ class GPT(nn.Module):
                                     [Block(h, h.crawler_mlp_mult, xsa[n_flat + c]) for c in range(n_crawl)])
         self.schedule = build_schedule(n_flat, h.num_encoder_layers, n_crawl, h.crawler_loops)
         P = len(self.schedule)
-        # Two routes: every loop (training from CRAWLER_START_FRAC on, export, eval), and the crawler once.
-        once = [p for p, (_, _, k) in enumerate(self.schedule) if k <= 0]
-        self.routes = {True: route(self.schedule, list(range(P)), h.unet_skips == "executed", h.parallel_last_n),
-                       False: route(self.schedule, once, h.unet_skips == "executed", h.parallel_last_n)}
+        # Routes: every loop (export, eval, training from CRAWLER_START_FRAC on), and the crawler once before it.
+        executed = h.unet_skips == "executed"
+        self.routes = {True: route(self.schedule, list(range(P)), executed, h.parallel_last_n)}
+        if h.crawler_start_frac:
+            once = [p for p, (_, _, k) in enumerate(self.schedule) if k <= 0]
+            self.routes[False] = route(self.schedule, once, executed, h.parallel_last_n)
         self.looping = True  # which route the forward takes
         self.softcap, self.head_lora = h.logit_softcap, None
         self.stream_dtype = torch.bfloat16 if h.stream_dtype == "bf16" else torch.float32
@@ -783,9 +794,12 @@ class GPT(nn.Module):
         lanes = h.parallel_last_n > 0
         self.lane_resid = nn.Parameter(torch.full((R, 2), 1.1)) if lanes else None  # [row, lane]
         self.lane_post = nn.Parameter(torch.ones(R, 2, 2)) if lanes else None  # [row, attn/mlp, lane]
-        n_skip = max(sum(k >= 0 for k in r.receive) for r in self.routes.values())
-        self.skip_weights = nn.Parameter(torch.ones(n_skip, d))
-        self.skip_gates = nn.Parameter(torch.zeros(n_skip, d)) if h.skip_gate else None
+        used = [sum(k >= 0 for k in r.receive) for r in self.routes.values()]
+        if 0 in used and max(used):  # DDP needs every parameter in every step's graph
+            raise ConfigError("CRAWLER_START_FRAC: with the crawler run once this layout has no U-Net skip, so the skip "
+                              "weights would get no gradient; use UNET_SKIPS=flat or more blocks")
+        self.skip_weights = nn.Parameter(torch.ones(max(used), d)) if max(used) else None
+        self.skip_gates = nn.Parameter(torch.zeros(max(used), d)) if max(used) and h.skip_gate else None
         self.ln = [1 / math.sqrt(p + 1) if h.ln_scale else 1.0 for p in range(P)]
         # RoPE: table 0 for flat blocks, table 1+k for crawler loop k when per-loop scales are given.
         scales = (1.0,) + tuple(h.crawler_loop_rope_scales)
@@ -812,6 +826,19 @@ class GPT(nn.Module):
         c = Control(self.resid_mix[r], self.attn_scale[r], self.mlp_scale[r], self.q_gain[r], self.ln[p],
                     self.rope_cos[t], self.rope_sin[t], *lane)
         return c, 0 if self.app_emb is None else self.app_emb[r].to(dtype)
+
+    CONTROL_NAMES = ("app_emb", "resid_mix", "attn_scale", "mlp_scale", "q_gain", "lane_resid", "lane_post")
+
+    @torch.no_grad()
+    def start_loops(self, tensors):
+        """At CRAWLER_START_FRAC: the control rows of loops 1.. (idle while the crawler ran once, only weight
+        decay touched them) restart as copies of loop 0's. `tensors`: {parameter name: tensor}, live or EMA."""
+        first = {j: p for p, (j, _, k) in enumerate(self.schedule) if k == 0}
+        for p, (j, _, k) in enumerate(self.schedule):
+            if k > 0 and self.row[p] != self.row[first[j]]:
+                for name in self.CONTROL_NAMES:
+                    if name in tensors:
+                        tensors[name][self.row[p]] = tensors[name][self.row[first[j]]]
 
     def skip(self, x, saved, k):
         """x + w * saved, or with SKIP_GATE lerp(w * saved, x, sigmoid(gate)): at init half of each."""
@@ -1639,7 +1666,7 @@ def train(h, run, model, compiled, val, plan):
         trainer.warmup(h.warmup_steps, micro_seqs, h.train_seq_len, h.vocab_size, run.device)
     ema = trainer.ema = EMA(model, h.ema_decay) if h.ema_decay else None
     graphs = compile_stats()
-    run.log(f"warmup: {h.warmup_steps} steps (compile) in {time.perf_counter() - t:.1f}s, state restored | "
+    run.log(f"warmup: {h.warmup_steps} steps per route (compile) in {time.perf_counter() - t:.1f}s, state restored | "
             f"{graphs[0]} graphs, {graphs[1]} graph breaks")
 
     budget_ms = 1000 * max(h.max_wallclock_seconds - plan.reserve_s, 0.0) if h.max_wallclock_seconds else 0.0
@@ -1652,6 +1679,10 @@ def train(h, run, model, compiled, val, plan):
             lr_mult, momentum = schedule(step, progress, h)
             if model.looping != (progress >= h.crawler_start_frac):
                 model.looping = not model.looping
+                names = [n for n, _ in model.named_parameters()]
+                for tensors in [dict(model.named_parameters())] + ([dict(zip(names, ema.shadow))] if ema else []):
+                    if model.looping:
+                        model.start_loops(tensors)
                 run.log(f"step {step}: the crawler runs {'every loop' if model.looping else 'once'} "
                         f"(progress {progress:.3f}, CRAWLER_START_FRAC={h.crawler_start_frac})")
             loss = trainer.step(loader.next_step(micro_seqs, accum), lr_mult, momentum)
@@ -1666,8 +1697,9 @@ def train(h, run, model, compiled, val, plan):
             if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
                 run.sync()
                 train_ms += 1000 * (time.perf_counter() - t0)
+                looping, model.looping = model.looping, True  # evaluations run every loop
                 timed_eval(run, {}, f"step {step}", None, lambda: evaluate(compiled, val.tokens, val.luts, h, run))
-                t0 = time.perf_counter()
+                model.looping, t0 = looping, time.perf_counter()
     run.sync()
     train_ms += 1000 * (time.perf_counter() - t0)
     model.set_qat(0)

@@ -38,7 +38,7 @@ def pairs(model, looping):
 def test_record_layout_and_executed_skips():
     """The record's 17 applications: blocks 0,1,2 | 3,4,5 x3 | 6..10 (ours number the crawler 8,9,10 and the
     decoder flats 3..7); its encoder is the first 8 applications, the next 8 receive skips, the last none."""
-    _, model = model_of(**RECORD, UNET_SKIPS="executed")
+    _, model = model_of(**RECORD, UNET_SKIPS="executed", CRAWLER_START_FRAC=0.35)
     assert [j for j, _, _ in model.schedule] == [0, 1, 2] + [8, 9, 10] * 3 + [3, 4, 5, 6, 7]
     full = model.routes[True]
     assert full.save == [True] * 8 + [False] * 9
@@ -64,7 +64,7 @@ def test_flat_skips_and_encoder_size():
 
 
 def test_crawler_once_then_every_loop():
-    h, model = model_of(**RECORD)
+    h, model = model_of(**RECORD, CRAWLER_START_FRAC=0.35)
     calls = []
     for c in range(8, 11):
         model.blocks[c].register_forward_pre_hook(lambda mod, args, c=c: calls.append(c))
@@ -211,3 +211,53 @@ def test_data_defaults_follow_the_vocabulary():
     h = T.Hyperparameters({})
     h.use_model_config({"vocab_size": 8192})
     assert h.data_path.endswith("fineweb10B_sp8192") and h.tokenizer_path.endswith("fineweb_8192_bpe.model")
+
+
+def test_later_loops_restart_from_loop_zero_at_the_switch():
+    """While the crawler runs once only loop 0's control rows train (the others only decay); at the switch
+    the later loops' rows become copies of loop 0's, in the live weights and in the EMA alike."""
+    h, model = model_of(**RECORD, CRAWLER_START_FRAC=0.5)
+    with torch.no_grad():
+        for name in ("resid_mix", "attn_scale", "q_gain", "app_emb"):
+            getattr(model, name).normal_()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    model.start_loops(dict(model.named_parameters()))
+    loop = {p: (j, k) for p, (j, _, k) in enumerate(model.schedule)}
+    first = {j: p for p, (j, k) in loop.items() if k == 0}
+    for p, (j, k) in loop.items():
+        source = first[j] if k > 0 else p
+        assert all(torch.equal(getattr(model, n)[p], before[n][source]) for n in ("resid_mix", "attn_scale", "q_gain", "app_emb"))
+    assert torch.equal(model.blocks[0].attn.c_q.weight, before["blocks.0.attn.c_q.weight"])
+    # per-block control vectors have nothing to copy
+    _, shared = model_of(**RECORD, CRAWLER_START_FRAC=0.5, CONTROL_VECTORS="block")
+    snapshot = {n: p.detach().clone() for n, p in shared.named_parameters()}
+    shared.start_loops(dict(shared.named_parameters()))
+    assert all(torch.equal(snapshot[n], p) for n, p in shared.named_parameters())
+
+
+def test_two_ranks_train_the_record_stack_identically(corpus, tmp_path):
+    """2-rank gloo: the loop switch, lanes, gates and skips keep every rank's weights identical (DDP needs
+    every parameter in both routes' graphs)."""
+    from conftest import run_train, tiny_env
+    env = tiny_env(corpus, **RECORD, UNET_SKIPS="executed", SKIP_GATE=1, CRAWLER_START_FRAC="0.5", PARALLEL_LAST_N=3,
+                   ATTN_GATE=1, MUON_NS="polar", MUON_ROW_NORM=1, ITERATIONS=6, QUANT_METHOD="rtn", EVAL_STRIDE=0,
+                   RUN_ID="rec2", SCALAR_WD="0.02")
+    final, log = run_train(env, tmp_path, nproc=2)
+    assert final["rank_weights_identical"] is True and final["steps"] == 6
+    assert "step 3: the crawler runs every loop" in log
+
+
+def test_layouts_without_skips_and_old_configs():
+    _, model = model_of(NUM_FLAT_LAYERS=2, NUM_ENCODER_LAYERS=2)
+    assert model.skip_weights is None  # no zero-size parameter that would never get a gradient
+    with pytest.raises(T.ConfigError, match="with the crawler run once this layout has no U-Net skip"):
+        model_of(NUM_FLAT_LAYERS=0, NUM_CRAWLER_LAYERS=1, UNET_SKIPS="executed", CRAWLER_START_FRAC=0.3)
+    with pytest.raises(T.ConfigError, match="CRAWLER_START_FRAC=1.0: must be below 1"):
+        hparams(CRAWLER_START_FRAC=1)
+    with pytest.raises(T.ConfigError, match="MUON_BACKEND_STEPS=4: MUON_NS=polar is tuned for exactly 5 steps"):
+        hparams(MUON_NS="polar", MUON_BACKEND_STEPS=4)
+    # a checkpoint written before these settings existed: its layout, not the environment's
+    h = hparams(NUM_FLAT_LAYERS=6, CONTROL_VECTORS="block", UNET_SKIPS="executed")
+    old = {k: v for k, v in hparams(NUM_FLAT_LAYERS=5).model_config().items() if k not in T.Hyperparameters.LEGACY_SHAPE}
+    h.use_model_config(old)
+    assert (h.num_flat_layers, h.num_encoder_layers, h.control_vectors, h.unet_skips) == (5, 2, "application", "flat")
