@@ -1679,9 +1679,9 @@ def train(h, run, model, compiled, val, plan):
             lr_mult, momentum = schedule(step, progress, h)
             if model.looping != (progress >= h.crawler_start_frac):
                 model.looping = not model.looping
-                names = [n for n, _ in model.named_parameters()]
-                for tensors in [dict(model.named_parameters())] + ([dict(zip(names, ema.shadow))] if ema else []):
-                    if model.looping:
+                if model.looping:  # the later loops start from loop 0's control rows, live and EMA
+                    names = [n for n, _ in model.named_parameters()]
+                    for tensors in [dict(model.named_parameters())] + ([dict(zip(names, ema.shadow))] if ema else []):
                         model.start_loops(tensors)
                 run.log(f"step {step}: the crawler runs {'every loop' if model.looping else 'once'} "
                         f"(progress {progress:.3f}, CRAWLER_START_FRAC={h.crawler_start_frac})")
