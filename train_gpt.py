@@ -94,6 +94,7 @@ class Hyperparameters:
     # 0 or empty means "follows other settings": (setting, its value then), resolved in this order
     DERIVED = (("eval_seq_len", lambda h: h.train_seq_len), ("eval_stride", lambda h: h.eval_seq_len),
                ("crawler_quant_bits", lambda h: h.quant_bits),
+               ("gptq_sdclip_k_attn", lambda h: h.gptq_sdclip_k), ("gptq_sdclip_k_mlp", lambda h: h.gptq_sdclip_k),
                ("data_path", lambda h: f"./data/datasets/fineweb10B_sp{h.vocab_size}"),  # the downloader's layout
                ("tokenizer_path", lambda h: f"./data/tokenizers/fineweb_{h.vocab_size}_bpe.model"))
 
@@ -177,6 +178,10 @@ class Hyperparameters:
         self.crawler_qat = b("CRAWLER_QAT", False)  # train the crawler through fake quantization at its export width
         self.gptq_damp = f("GPTQ_DAMP", 0.01, lo=0)  # Hessian damping, times the mean diagonal
         self.gptq_sdclip_k = f("GPTQ_SDCLIP_K", 0.0, lo=0)  # row clip = k * row std; 0 = per-row MSE clip search
+        self.gptq_sdclip_k_attn = f("GPTQ_SDCLIP_K_ATTN", 0.0, lo=0)  # attention matrices; 0 = GPTQ_SDCLIP_K
+        self.gptq_sdclip_k_mlp = f("GPTQ_SDCLIP_K_MLP", 0.0, lo=0)  # MLP matrices; 0 = GPTQ_SDCLIP_K
+        self.gptq_sdclip_k_crawler = f("GPTQ_SDCLIP_K_CRAWLER", 0.0, lo=0)  # crawler matrices; 0 = their family's k
+        self.embed_sdclip_k = f("EMBED_SDCLIP_K", 0.0, lo=0)  # embedding tables; 0 = per-row MSE clip search
         self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: re-collect + re-quantize rounds for the crawler
         self.gptq_calib_tokens = i("GPTQ_CALIB_TOKENS", 262_144, lo=1)  # training tokens for the Hessians (all ranks)
         self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 12.0, lo=0)  # stop training this early for calibration
@@ -1145,10 +1150,10 @@ def input_groups(model):
 @dataclasses.dataclass
 class ExportPlan:
     """The export, decided once: `rounds` of (CastedLinear names, whether their Hessians are collected first,
-    on the model as quantized so far), the bits of every quantized tensor, whether it reads calibration data,
-    and the seconds training leaves for that."""
+    on the model as quantized so far), (bits, SDClip k) of every quantized tensor, whether it reads
+    calibration data, and the seconds training leaves for that."""
     rounds: list
-    bits: dict
+    specs: dict
     calibrate: bool
     reserve_s: float
 
@@ -1157,8 +1162,12 @@ def export_plan(h, model):
     mods = dict(model.named_modules())
     linear = [n for n, m in mods.items() if isinstance(m, CastedLinear)]
     crawler = tuple(f"blocks.{j}." for j in model.crawler_ids)
-    bits = {n + ".weight": h.crawler_quant_bits if n.startswith(crawler) else h.quant_bits for n in linear}
-    bits.update({n + ".weight": h.embed_quant_bits for n, m in mods.items() if isinstance(m, nn.Embedding)})
+
+    def spec(n):  # per family: attention, MLP (the crawler's own k, if set, over either), other matrices
+        k = h.gptq_sdclip_k_attn if ".attn." in n else h.gptq_sdclip_k_mlp if ".mlp." in n else h.gptq_sdclip_k
+        return (h.crawler_quant_bits, h.gptq_sdclip_k_crawler or k) if n.startswith(crawler) else (h.quant_bits, k)
+    specs = {n + ".weight": spec(n) for n in linear}
+    specs.update({n + ".weight": (h.embed_quant_bits, h.embed_sdclip_k) for n, m in mods.items() if isinstance(m, nn.Embedding)})
     if h.quant_method == "rtn":
         rounds = [(linear, False)]
     elif h.quant_method == "gptq":  # one Hessian pass on the float model
@@ -1169,7 +1178,7 @@ def export_plan(h, model):
             segment = [names for names, _ in segment]
             rounds += [(names, True) for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)) for names in segment]
     calibrate = any(hessian for _, hessian in rounds)
-    return ExportPlan(rounds, bits, calibrate, h.gptq_reserve_seconds if calibrate else 0.0)
+    return ExportPlan(rounds, specs, calibrate, h.gptq_reserve_seconds if calibrate else 0.0)
 
 
 def quantize_model(model, plan, h, batches, run):
@@ -1182,8 +1191,8 @@ def quantize_model(model, plan, h, batches, run):
     for r, (names, hessian) in enumerate(plan.rounds):
         H = collect_hessians(model, names, batches, run) if hessian else None
         for n in names:
-            bits, W = plan.bits[n + ".weight"], floats[n]
-            step = row_scales(W, bits, h.gptq_sdclip_k).half().float()  # the step the artifact will hold
+            (bits, k), W = plan.specs[n + ".weight"], floats[n]
+            step = row_scales(W, bits, k).half().float()  # the step the artifact will hold
             q = quantize_gptq(W, H[n], step, bits, h.gptq_damp) if H else quantize_rtn(W, step, bits)
             out[n + ".weight"] = (q.to(torch.int8).cpu(), step.half().cpu(), bits)
             with torch.no_grad():
@@ -1192,9 +1201,9 @@ def quantize_model(model, plan, h, batches, run):
     for name, p in model.named_parameters():
         if name in out:
             continue
-        if name in plan.bits:  # embedding tables
-            bits = plan.bits[name]
-            step = row_scales(p.detach(), bits).half().float()
+        if name in plan.specs:  # embedding tables
+            bits, k = plan.specs[name]
+            step = row_scales(p.detach(), bits, k).half().float()
             out[name] = (quantize_rtn(p.detach(), step, bits).to(torch.int8).cpu(), step.half().cpu(), bits)
         else:
             out[name] = p.detach().half().cpu()
@@ -1868,8 +1877,10 @@ def export(h, run, model, trained, plan, result):
     if run.world > 1:
         dist.barrier(group=run.ctrl)
     result.update(quant_s=quant_s, compress_s=time.perf_counter() - t, **artifact_sizes(artifact, result["code_bytes"]))
+    weights = sum(v[0].numel() for v in qstate.values() if isinstance(v, tuple))
+    result["bits_per_weight"] = 8 * result["model_bytes"] / weights  # every byte of the model file over quantized weights
     run.log(f"artifact: {artifact} {result['model_bytes']:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
-            f"{result['code_bytes']:,} = {result['artifact_bytes']:,} bytes")
+            f"{result['code_bytes']:,} = {result['artifact_bytes']:,} bytes; {result['bits_per_weight']:.3f} bits per weight")
     return artifact, live, ckpt["model"]
 
 

@@ -248,3 +248,34 @@ def test_bad_export_from_is_one_line(finished, corpus, tmp_path, case):
         torch.save({"step": 3}, path)
         needles = ("ckpt.pt: not a checkpoint of this script",)
     error_of(tiny_env(corpus, RUN_ID="bad", EXPORT_FROM=path, **extra), tmp_path, *needles)
+
+
+def test_sdclip_per_family_in_the_export_plan():
+    h = hparams(GPTQ_SDCLIP_K=10, GPTQ_SDCLIP_K_MLP=14, EMBED_SDCLIP_K=15, EMBED_QUANT_BITS=7, CRAWLER_QUANT_BITS=5)
+    model = T.GPT(h)
+    specs, c = T.export_plan(h, model).specs, model.crawler_ids[0]
+    assert specs["blocks.0.attn.c_q.weight"] == (6, 10.0)  # attention follows GPTQ_SDCLIP_K
+    assert specs["blocks.0.mlp.fc.weight"] == (6, 14.0)
+    assert specs[f"blocks.{c}.mlp.proj.weight"] == (5, 14.0)  # the crawler keeps its family's k, its own bits
+    assert specs["bigram.proj.weight"] == (6, 10.0) and specs["tok_emb.weight"] == (7, 15.0)
+    assert specs["bigram.embed.weight"] == (7, 15.0)
+    h = hparams(GPTQ_SDCLIP_K=10, GPTQ_SDCLIP_K_ATTN=12, GPTQ_SDCLIP_K_CRAWLER=20)
+    specs = T.export_plan(h, T.GPT(h)).specs
+    assert specs["blocks.0.attn.proj.weight"] == (6, 12.0) and specs["blocks.1.mlp.proj.weight"] == (6, 10.0)
+    assert specs[f"blocks.{c}.attn.c_k.weight"] == (6, 20.0) and specs[f"blocks.{c}.mlp.fc.weight"] == (6, 20.0)
+
+
+def test_wider_sdclip_gives_a_smaller_artifact_and_more_error(trained):
+    size, loss = {}, {}
+    for k in (8.0, 16.0):
+        loss[k], qstate = quantized_loss(trained, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=k, EMBED_SDCLIP_K=k)
+        size[k] = len(T.compress(T.serialize(qstate, {}), "zstd")[1])
+    assert size[16.0] < 0.93 * size[8.0] and loss[16.0] > loss[8.0], (size, loss)
+
+
+def test_final_json_reports_bits_per_weight(finished):
+    cwd, final, _ = finished
+    qstate, _ = T.read_artifact(str(cwd / final["artifact_path"]))
+    weights = sum(v[0].numel() for v in qstate.values() if isinstance(v, tuple))
+    assert final["bits_per_weight"] == pytest.approx(8 * os.path.getsize(cwd / final["artifact_path"]) / weights)
+    assert 1.0 < final["bits_per_weight"] < 8.0
