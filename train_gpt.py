@@ -28,6 +28,7 @@ import sys
 import threading
 import time
 import uuid
+import zlib
 
 import numpy as np
 import sentencepiece as spm
@@ -182,6 +183,7 @@ class Hyperparameters:
         self.gptq_sdclip_k_mlp = f("GPTQ_SDCLIP_K_MLP", 0.0, lo=0)  # MLP matrices; 0 = GPTQ_SDCLIP_K
         self.gptq_sdclip_k_crawler = f("GPTQ_SDCLIP_K_CRAWLER", 0.0, lo=0)  # crawler matrices; 0 = their family's k
         self.embed_sdclip_k = f("EMBED_SDCLIP_K", 0.0, lo=0)  # embedding tables; 0 = per-row MSE clip search
+        self.embed_gptq = b("EMBED_GPTQ", False)  # GPTQ the tied embedding on the output head's inputs (last round)
         self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: re-collect + re-quantize rounds for the crawler
         self.gptq_calib_tokens = i("GPTQ_CALIB_TOKENS", 262_144, lo=1)  # training tokens for the Hessians (all ranks)
         self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 12.0, lo=0)  # stop training this early for calibration
@@ -788,6 +790,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size else None
         self.smear = SmearGate() if h.smear_gate else None
+        self.head_input = nn.Identity()  # where the tied output head's inputs can be observed (embedding GPTQ)
         # Control vectors: one row per schedule position (a crawler block gets one row per loop), or per block.
         self.row = list(range(P)) if h.control_vectors == "application" else [j for j, _, _ in self.schedule]
         R = max(self.row, default=-1) + 1
@@ -886,7 +889,7 @@ class GPT(nn.Module):
                 skips.append(x)
         if lanes:
             x = 0.5 * (lanes[0] + lanes[1])
-        x = rms_norm(x)
+        x = self.head_input(rms_norm(x))
         logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         if self.head_lora is not None:
             logits = logits + lora_delta(x, self.head_lora)
@@ -1100,10 +1103,10 @@ class StopForward(Exception):
 
 
 def collect_hessians(model, names, batches, run):
-    """H = sum of x^T x over every input row each named CastedLinear sees on the calibration batches
+    """H = sum of x^T x over every input row each named CastedLinear (or the output head, for tok_emb) sees on the calibration batches
     (a shared block contributes once per application), summed across ranks. Each forward stops after
     the last application of the last target."""
-    mods = dict(model.named_modules())
+    mods = dict(model.named_modules(), tok_emb=model.head_input)  # the tied embedding's rows are the head's
     uses = {j: sum(1 for b, _, _ in model.schedule if b == j) for j in range(len(model.blocks))}
     expected = {n: uses[int(n.split(".")[1])] if n.startswith("blocks.") else 1 for n in names}
     H, seen = dict.fromkeys(names), {}
@@ -1177,16 +1180,18 @@ def export_plan(h, model):
         for is_crawler, segment in itertools.groupby(input_groups(model), key=lambda g: g[1]):
             segment = [names for names, _ in segment]
             rounds += [(names, True) for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)) for names in segment]
+    if h.embed_gptq:  # last: the head's inputs come from every quantized block
+        rounds.append((["tok_emb"], True))
     calibrate = any(hessian for _, hessian in rounds)
     return ExportPlan(rounds, specs, calibrate, h.gptq_reserve_seconds if calibrate else 0.0)
 
 
 def quantize_model(model, plan, h, batches, run):
-    """Quantizes every CastedLinear weight along `plan` and the embedding tables (round to nearest); small
-    tensors stay fp16. Leaves the model's matrices at their dequantized values. Returns {state_dict name:
-    (levels int8, step fp16, bits) or fp16 tensor}."""
+    """Quantizes the weights `plan` names, round by round, and the other embedding tables (round to nearest);
+    small tensors stay fp16. Leaves the model's quantized weights at their dequantized values. Returns
+    {state_dict name: (levels int8, step fp16, bits) or fp16 tensor}."""
     mods = dict(model.named_modules())
-    floats = {n: m.weight.detach().float().clone() for n, m in mods.items() if isinstance(m, CastedLinear)}
+    floats = {n: mods[n].weight.detach().float().clone() for names, _ in plan.rounds for n in names}
     out, progress = {}, Progress(run.log, "quantize", len(plan.rounds), "rounds")
     for r, (names, hessian) in enumerate(plan.rounds):
         H = collect_hessians(model, names, batches, run) if hessian else None
@@ -1239,15 +1244,24 @@ def unshuffle_bytes(buf, width):
 ARTIFACT_MAGIC = b"PGCRAWL1"
 
 
+def level_layouts(q, bits):
+    """A tensor's levels two ways: dense `bits`-bit codes, byte-shuffled, or one unsigned byte per level (at
+    SDClip widths often 7-10% smaller after brotli: the coder sees whole symbols)."""
+    codes = (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
+    return {"packed": shuffle_bytes(pack_levels(q, bits), bits), "bytes": codes}
+
+
 def serialize(qstate, config):
-    """One blob: header length, JSON header (model config, tensor table), then each tensor's bytes."""
+    """One blob: header length, JSON header (model config, tensor table), then each tensor's bytes. Each
+    tensor's levels take whichever layout zlib compresses smaller (a quick stand-in for the final coder)."""
     table, parts = [], []
     for name, v in qstate.items():
         if isinstance(v, tuple):
             q, step, bits = v
-            levels = shuffle_bytes(pack_levels(q, bits), bits)
-            parts += [levels, shuffle_bytes(step.reshape(-1).numpy().view(np.uint8), 2)]
-            table.append([name, list(q.shape), bits, len(levels)])
+            layouts = level_layouts(q, bits)
+            layout = min(layouts, key=lambda k: len(zlib.compress(layouts[k].tobytes(), 6)))
+            parts += [layouts[layout], shuffle_bytes(step.reshape(-1).numpy().view(np.uint8), 2)]
+            table.append([name, list(q.shape), bits, len(layouts[layout]), layout])
         else:
             parts.append(shuffle_bytes(v.reshape(-1).numpy().view(np.uint8), 2))
             table.append([name, list(v.shape), 16, 0])
@@ -1267,12 +1281,15 @@ def deserialize(blob):
         pos += count
         return data[pos - count:pos]
 
-    for name, shape, bits, nbytes in header["tensors"]:
+    for name, shape, bits, nbytes, *layout in header["tensors"]:  # artifacts before layouts: packed
         count = math.prod(shape)
         if bits == 16:
             qstate[name] = torch.from_numpy(unshuffle_bytes(take(2 * count), 2).view(np.float16).reshape(shape).copy())
             continue
-        levels = unpack_levels(unshuffle_bytes(take(nbytes), bits), bits, count)
+        if layout == ["bytes"]:
+            levels = take(nbytes).astype(np.int16) - qmax(bits) - 1
+        else:
+            levels = unpack_levels(unshuffle_bytes(take(nbytes), bits), bits, count)
         step = unshuffle_bytes(take(2 * shape[0]), 2).view(np.float16).reshape(shape[0], 1)
         qstate[name] = (torch.from_numpy(levels.astype(np.int8).reshape(shape)), torch.from_numpy(step.copy()), bits)
     return qstate, header["config"]

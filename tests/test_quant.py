@@ -279,3 +279,43 @@ def test_final_json_reports_bits_per_weight(finished):
     weights = sum(v[0].numel() for v in qstate.values() if isinstance(v, tuple))
     assert final["bits_per_weight"] == pytest.approx(8 * os.path.getsize(cwd / final["artifact_path"]) / weights)
     assert 1.0 < final["bits_per_weight"] < 8.0
+
+
+def test_embedding_gptq_beats_round_to_nearest_on_the_head_loss(trained):
+    """EMBED_GPTQ: the tied embedding is quantized last, by GPTQ on the Hessian of the output head's inputs;
+    its proxy loss tr(dW H dW^T) is below round-to-nearest's at the same grid."""
+    model, _, _, calib = trained
+    h = hparams(CRAWLER_LOOPS=3, EMBED_GPTQ=1, QUANT_METHOD="rtn", EMBED_QUANT_BITS=4)
+    plan = T.export_plan(h, model)
+    assert plan.rounds[-1] == (["tok_emb"], True) and plan.calibrate  # reads calibration data even with rtn
+    H = T.collect_hessians(model, ["tok_emb"], calib, T.Run())["tok_emb"]
+    assert H.shape == (64, 64)
+    W = model.tok_emb.weight.detach().float()
+    step = T.row_scales(W, 4).half().float()
+    proxy = lambda Q: torch.trace((Q * step - W) @ H @ (Q * step - W).T).item()
+    rtn, gptq = proxy(T.quantize_rtn(W, step, 4)), proxy(T.quantize_gptq(W, H, step, 4, 0.01))
+    assert gptq < 0.9 * rtn, (gptq, rtn)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    qstate = T.quantize_model(model, plan, h, calib, T.Run())
+    model.load_state_dict(state)
+    assert qstate["tok_emb.weight"][2] == 4 and qstate["bigram.embed.weight"][2] == 4
+    assert not torch.equal(qstate["tok_emb.weight"][0], T.quantize_rtn(W, step, 4).to(torch.int8))  # GPTQ'd
+
+
+def test_each_tensor_keeps_the_layout_that_compresses_smaller(monkeypatch, tmp_path):
+    """At SDClip widths one byte per level compresses smaller than dense 6-bit codes; the table records the
+    layout per tensor and the artifact reads back bit-exactly either way."""
+    W = torch.randn(256, 512, generator=torch.Generator().manual_seed(0))
+    step = T.row_scales(W, 6, 20.0).half().float()
+    qstate = {"w": (T.quantize_rtn(W, step, 6).to(torch.int8), step.half(), 6), "v": torch.randn(7).half()}
+    blob = T.serialize(qstate, {})
+    header = json.loads(blob[4:4 + int.from_bytes(blob[:4], "little")])
+    assert header["tensors"][0][-1] == "bytes"
+    path = str(tmp_path / "a.ptz")
+    T.write_artifact(path, qstate, {}, "zstd")
+    back, _ = T.read_artifact(path)
+    assert torch.equal(back["w"][0], qstate["w"][0]) and torch.equal(back["v"], qstate["v"])
+    packed_only = lambda q, bits: {"packed": T.shuffle_bytes(T.pack_levels(q, bits), bits)}
+    chosen = len(T.compress(blob, "zstd")[1])
+    monkeypatch.setattr(T, "level_layouts", packed_only)
+    assert chosen < 0.97 * len(T.compress(T.serialize(qstate, {}), "zstd")[1])
