@@ -184,6 +184,9 @@ class Hyperparameters:
         self.gptq_sdclip_k_crawler = f("GPTQ_SDCLIP_K_CRAWLER", 0.0, lo=0)  # crawler matrices; 0 = their family's k
         self.embed_sdclip_k = f("EMBED_SDCLIP_K", 0.0, lo=0)  # embedding tables; 0 = per-row MSE clip search
         self.embed_gptq = b("EMBED_GPTQ", False)  # GPTQ the tied embedding on the output head's inputs (last round)
+        self.lqer_rank = i("LQER_RANK", 0, lo=0)  # rank of the quantization-error correction A B; 0 = no LQER
+        self.lqer_tensors = i("LQER_TENSORS", 3, lo=1)  # tensors corrected: most squared error removed per byte
+        self.lqer_bits = i("LQER_BITS", 4, lo=2, hi=8)  # bits of the factors A and B (per row)
         self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: re-collect + re-quantize rounds for the crawler
         self.gptq_calib_tokens = i("GPTQ_CALIB_TOKENS", 262_144, lo=1)  # training tokens for the Hessians (all ranks)
         self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 12.0, lo=0)  # stop training this early for calibration
@@ -1188,7 +1191,8 @@ def export_plan(h, model):
 
 def quantize_model(model, plan, h, batches, run):
     """Quantizes the weights `plan` names, round by round, and the other embedding tables (round to nearest);
-    small tensors stay fp16. Leaves the model's quantized weights at their dequantized values. Returns
+    small tensors stay fp16; LQER_RANK adds error corrections. Leaves the model's quantized weights at their
+    dequantized values. Returns
     {state_dict name: (levels int8, step fp16, bits) or fp16 tensor}."""
     mods = dict(model.named_modules())
     floats = {n: mods[n].weight.detach().float().clone() for names, _ in plan.rounds for n in names}
@@ -1203,20 +1207,58 @@ def quantize_model(model, plan, h, batches, run):
             with torch.no_grad():
                 mods[n].weight.copy_(q * step)
         progress(r + 1)
-    for name, p in model.named_parameters():
+    params = dict(model.named_parameters())
+    originals = {n + ".weight": W for n, W in floats.items()}
+    for name, p in params.items():
         if name in out:
             continue
         if name in plan.specs:  # embedding tables
             bits, k = plan.specs[name]
+            originals[name] = p.detach().float().clone()
             step = row_scales(p.detach(), bits, k).half().float()
             out[name] = (quantize_rtn(p.detach(), step, bits).to(torch.int8).cpu(), step.half().cpu(), bits)
         else:
             out[name] = p.detach().half().cpu()
+    if h.lqer_rank:
+        out.update(lqer_corrections(out, originals, h.lqer_rank, h.lqer_tensors, h.lqer_bits))
+        with torch.no_grad():
+            for name, W in dequantize(out).items():
+                if name + ".lqer_a" in out:
+                    params[name].copy_(W)
+    return out
+
+
+LQER_PARTS = (".lqer_a", ".lqer_b")
+
+
+def lqer_corrections(qstate, originals, rank, count, bits):
+    """LQER: the quantization error E = W - Q(W) of a matrix is approximated by A B (A = U_r S_r, B = V_r^T of
+    its SVD), both factors stored at `bits` per row. Corrects the `count` tensors where the rank-r part
+    removes the most squared error per stored factor element. Returns the new qstate entries."""
+    gains = {}
+    for name, W in originals.items():
+        if min(W.shape) > rank:
+            E = W.cpu() - qstate[name][0].float() * qstate[name][1].float()
+            S = torch.linalg.svdvals(E)
+            gains[name] = S[:rank].square().sum().item() / (rank * sum(W.shape))
+    out = {}
+    for name in sorted(gains, key=gains.get, reverse=True)[:count]:
+        E = originals[name].cpu() - qstate[name][0].float() * qstate[name][1].float()
+        U, S, Vh = torch.linalg.svd(E, full_matrices=False)
+        for part, M in zip(LQER_PARTS, (U[:, :rank] * S[:rank], Vh[:rank])):
+            step = row_scales(M, bits).half().float()
+            out[name + part] = (quantize_rtn(M, step, bits).to(torch.int8), step.half(), bits)
     return out
 
 
 def dequantize(qstate):
-    return {n: (v[0].float() * v[1].float() if isinstance(v, tuple) else v.float()) for n, v in qstate.items()}
+    """{state_dict name: float tensor}; an LQER-corrected matrix gets its A B added."""
+    value = lambda v: v[0].float() * v[1].float() if isinstance(v, tuple) else v.float()
+    out = {n: value(v) for n, v in qstate.items() if not n.endswith(LQER_PARTS)}
+    for n in out:
+        if n + ".lqer_a" in qstate:
+            out[n] = out[n] + value(qstate[n + ".lqer_a"]) @ value(qstate[n + ".lqer_b"])
+    return out
 
 
 def pack_levels(q, bits):
@@ -1894,7 +1936,7 @@ def export(h, run, model, trained, plan, result):
     if run.world > 1:
         dist.barrier(group=run.ctrl)
     result.update(quant_s=quant_s, compress_s=time.perf_counter() - t, **artifact_sizes(artifact, result["code_bytes"]))
-    weights = sum(v[0].numel() for v in qstate.values() if isinstance(v, tuple))
+    weights = sum(v[0].numel() for n, v in qstate.items() if isinstance(v, tuple) and not n.endswith(LQER_PARTS))
     result["bits_per_weight"] = 8 * result["model_bytes"] / weights  # every byte of the model file over quantized weights
     run.log(f"artifact: {artifact} {result['model_bytes']:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
             f"{result['code_bytes']:,} = {result['artifact_bytes']:,} bytes; {result['bits_per_weight']:.3f} bits per weight")

@@ -319,3 +319,26 @@ def test_each_tensor_keeps_the_layout_that_compresses_smaller(monkeypatch, tmp_p
     chosen = len(T.compress(blob, "zstd")[1])
     monkeypatch.setattr(T, "level_layouts", packed_only)
     assert chosen < 0.97 * len(T.compress(T.serialize(qstate, {}), "zstd")[1])
+
+
+def test_lqer_lowers_the_reconstruction_error(trained, tmp_path):
+    """LQER_RANK: the chosen tensors carry a low-bit rank-r correction A B of their quantization error; the
+    dequantized weights (in memory, in the model, and read back from the artifact) include it."""
+    model, _, _, calib = trained
+    floats = {n: p.detach().clone() for n, p in model.named_parameters()}
+    _, plain = quantized_loss(trained, QUANT_METHOD="rtn", QUANT_BITS=3)
+    h = hparams(CRAWLER_LOOPS=3, QUANT_METHOD="rtn", QUANT_BITS=3, LQER_RANK=4, LQER_TENSORS=2, LQER_BITS=4)
+    qstate = T.quantize_model(model, T.export_plan(h, model), h, calib, T.Run())
+    corrected = [n[:-len(".lqer_a")] for n in qstate if n.endswith(".lqer_a")]
+    assert len(corrected) == 2 and all(n + ".lqer_b" in qstate for n in corrected)
+    a, b = qstate[corrected[0] + ".lqer_a"], qstate[corrected[0] + ".lqer_b"]
+    assert a[0].shape[1] == 4 and b[0].shape[0] == 4 and a[2] == b[2] == 4
+    with_lqer, without = T.dequantize(qstate), T.dequantize(plain)
+    for n in corrected:
+        err = lambda W: (floats[n] - W).square().sum().item()
+        assert err(with_lqer[n]) < 0.97 * err(without[n]), n
+        assert torch.equal(dict(model.named_parameters())[n].detach(), with_lqer[n])  # the model holds it too
+    model.load_state_dict(floats)
+    T.write_artifact(str(tmp_path / "l.ptz"), qstate, {}, "zstd")
+    back = T.dequantize(T.read_artifact(str(tmp_path / "l.ptz"))[0])
+    assert set(back) == set(floats) and all(torch.equal(back[n], with_lqer[n]) for n in back)
