@@ -5,8 +5,8 @@ weight-shared "crawler" blocks run CRAWLER_LOOPS times, so depth costs no bytes.
 unique blocks plus a schedule of their applications; by default every application owns its control
 vectors (residual mix, output scales, q gain, an entry embedding), which is what lets the loops of a
 shared block differ. Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization,
-evaluation, training, main. Budget: at most 2,000 lines and 104 KB, because these bytes count against the
-16 MB artifact (records ship it lzma-packed: about 38 KB).
+evaluation, training, main. Budget: at most 40 KB lzma-packed (records ship it packed; about 2,000 lines),
+because these bytes count against the 16 MB artifact.
 
 Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
 """
