@@ -184,6 +184,8 @@ class Hyperparameters:
         self.gptq_sdclip_k_crawler = f("GPTQ_SDCLIP_K_CRAWLER", 0.0, lo=0)  # crawler matrices; 0 = their family's k
         self.embed_sdclip_k = f("EMBED_SDCLIP_K", 0.0, lo=0)  # embedding tables; 0 = per-row MSE clip search
         self.embed_gptq = b("EMBED_GPTQ", False)  # GPTQ the tied embedding on the output head's inputs (last round)
+        self.quant_fit = b("QUANT_FIT", False)  # scale every SDClip width to land within 1% under the byte budget
+        self.quant_fit_probes = i("QUANT_FIT_PROBES", 6, lo=1)  # exports tried at most (each: quantize + compress)
         self.lqer_rank = i("LQER_RANK", 0, lo=0)  # rank of the quantization-error correction A B; 0 = no LQER
         self.lqer_tensors = i("LQER_TENSORS", 3, lo=1)  # tensors corrected: most squared error removed per byte
         self.lqer_bits = i("LQER_BITS", 4, lo=2, hi=8)  # bits of the factors A and B (per row)
@@ -254,6 +256,8 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims}: must be even and at most the head dim {d // h}")
         if self.num_flat_layers + self.crawler_loops == 0:
             raise ConfigError("NUM_FLAT_LAYERS=0 with CRAWLER_LOOPS=0 leaves no blocks; set one of them above 0")
+        if self.quant_fit and not (self.gptq_sdclip_k or self.gptq_sdclip_k_attn or self.gptq_sdclip_k_mlp):
+            raise ConfigError("QUANT_FIT=1 scales SDClip widths: set GPTQ_SDCLIP_K (e.g. 12), it is 0 (clip search)")
         if self.crawler_start_frac >= 1:
             raise ConfigError(f"CRAWLER_START_FRAC={self.crawler_start_frac}: must be below 1 (the loops must train)")
         if self.muon_ns == "polar" and self.muon_backend_steps != len(NS_COEFFS["polar"]):
@@ -1251,6 +1255,35 @@ def lqer_corrections(qstate, originals, rank, count, bits):
     return out
 
 
+def fit_to_budget(model, floats, plan, h, batches, run, first, budget):
+    """QUANT_FIT: exports with every SDClip width times s until the compressed model lands within 1% under
+    `budget` bytes. s moves by a secant on log2 s, starting from one bit per weight per doubling of the step;
+    each probe re-quantizes the float weights `floats` on the in-memory calibration batches (no new data).
+    `first` is the qstate at s = 1. Returns (qstate, compress result, s) of the largest probe that fits."""
+    weights = sum(v[0].numel() for n, v in first.items() if isinstance(v, tuple) and not n.endswith(LQER_PARTS))
+    probes, s, qstate = [], 1.0, first
+    for i in range(h.quant_fit_probes):
+        if i:
+            model.load_state_dict(floats)
+            specs = {n: (bits, k * s) for n, (bits, k) in plan.specs.items()}
+            qstate = quantize_model(model, dataclasses.replace(plan, specs=specs), h, batches, run)
+        packed = compress(serialize(qstate, h.model_config()), h.compressor)
+        size = len(packed[1]) + ARTIFACT_HEADER_BYTES
+        probes.append((size, s, qstate, packed))
+        run.log(f"quant fit: probe {i + 1}: SDClip widths x {s:.4f} -> {size:,} model bytes (budget {budget:,})")
+        if 0.99 * budget <= size <= budget:
+            break
+        if len(probes) > 1 and probes[-2][0] != size:  # bytes per doubling, measured
+            slope = (probes[-2][0] - size) / (math.log2(s) - math.log2(probes[-2][1]))
+        else:
+            slope = weights / 8
+        s *= 2 ** ((size - 0.995 * budget) / max(slope, 1.0))
+    fitting = [p for p in probes if p[0] <= budget]
+    size, s, qstate, packed = max(fitting, key=lambda p: p[0]) if fitting else min(probes, key=lambda p: p[0])
+    model.load_state_dict(dict(floats, **dequantize(qstate)))
+    return qstate, packed, s
+
+
 def dequantize(qstate):
     """{state_dict name: float tensor}; an LQER-corrected matrix gets its A B added."""
     value = lambda v: v[0].float() * v[1].float() if isinstance(v, tuple) else v.float()
@@ -1353,9 +1386,13 @@ def compress(blob, method):
     return name, out[name], {k: len(v) for k, v in out.items()}
 
 
-def write_artifact(path, qstate, config, method):
-    """Writes magic + compressor name + compressed blob via a temp file; returns (compressor, sizes tried)."""
-    name, payload, sizes = compress(serialize(qstate, config), method)
+ARTIFACT_HEADER_BYTES = 16  # magic + compressor name
+
+
+def write_artifact(path, qstate, config, method, packed=None):
+    """Writes magic + compressor name + compressed blob (`packed`, from `compress`, or made here) via a temp
+    file; returns (compressor, sizes tried)."""
+    name, payload, sizes = packed or compress(serialize(qstate, config), method)
     with open(path + ".tmp", "wb") as fh:
         fh.write(ARTIFACT_MAGIC + name.encode().ljust(8, b"\0") + payload)
     os.replace(path + ".tmp", path)
@@ -1920,17 +1957,21 @@ def export(h, run, model, trained, plan, result):
     batches = calibration_batches(h, trained.loader, run.world) if plan.calibrate else []
     qstate = quantize_model(model, plan, h, batches, run)
     run.sync()
-    quant_s = time.perf_counter() - t
+    quant_s = time.perf_counter() - t  # the calibration data is read by now: more probes reuse it
     data_s = trained.train_ms / 1000 + quant_s if trained.steps and h.max_wallclock_seconds else None
     run.log(f"quantize: {h.quant_method} in {quant_s:.1f}s" + (f"; training data last read at {data_s:.1f}s of the "
             f"{h.max_wallclock_seconds:.0f}s budget" if data_s is not None else ""))
     if data_s is not None and data_s > h.max_wallclock_seconds:
         run.log(f"warning: training + calibration took {data_s:.1f}s > MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
-    artifact = os.path.join("logs", f"{h.run_id}_model.ptz")
+    artifact, packed = os.path.join("logs", f"{h.run_id}_model.ptz"), None
     t = time.perf_counter()
+    if h.quant_fit:
+        budget = h.max_artifact_bytes - result["code_bytes"]
+        qstate, packed, result["quant_fit_scale"] = fit_to_budget(model, ckpt["model"], plan, h, batches, run, qstate, budget)
     if run.rank == 0:
         with heartbeat(run.log, f"compress ({h.compressor})"):
-            result["compressor"], result["compressed_bytes"] = write_artifact(artifact, qstate, h.model_config(), h.compressor)
+            result["compressor"], result["compressed_bytes"] = write_artifact(artifact, qstate, h.model_config(),
+                                                                              h.compressor, packed)
         if h.save_checkpoint:
             save_atomic(ckpt, os.path.join("logs", f"{h.run_id}_model.pt"))
     if run.world > 1:

@@ -342,3 +342,36 @@ def test_lqer_lowers_the_reconstruction_error(trained, tmp_path):
     T.write_artifact(str(tmp_path / "l.ptz"), qstate, {}, "zstd")
     back = T.dequantize(T.read_artifact(str(tmp_path / "l.ptz"))[0])
     assert set(back) == set(floats) and all(torch.equal(back[n], with_lqer[n]) for n in back)
+
+
+@pytest.mark.parametrize("ratio", [0.8, 1.15])
+def test_quant_fit_lands_just_under_the_budget(trained, ratio):
+    """QUANT_FIT scales every SDClip width until the compressed model is within 3% under the budget (the
+    search aims at 1%), from above or below."""
+    model, _, _, calib = trained
+    floats = {k: v.clone() for k, v in model.state_dict().items()}
+    h = hparams(CRAWLER_LOOPS=3, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10, EMBED_SDCLIP_K=12, QUANT_FIT=1, COMPRESSOR="zstd")
+    plan = T.export_plan(h, model)
+    first = T.quantize_model(model, plan, h, calib, T.Run())
+    size1 = len(T.compress(T.serialize(first, h.model_config()), "zstd")[1]) + T.ARTIFACT_HEADER_BYTES
+    budget = int(ratio * size1)
+    qstate, packed, s = T.fit_to_budget(model, floats, plan, h, calib, T.Run(), first, budget)
+    size = len(packed[1]) + T.ARTIFACT_HEADER_BYTES
+    model.load_state_dict(floats)
+    assert 0.97 * budget <= size <= budget, (size, budget, s)
+    assert (s > 1) == (ratio < 1) and len(T.serialize(qstate, h.model_config())) > 0
+
+
+def test_quant_fit_needs_sdclip_widths():
+    with pytest.raises(T.ConfigError, match="QUANT_FIT=1 scales SDClip widths: set GPTQ_SDCLIP_K"):
+        hparams(QUANT_FIT=1)
+
+
+def test_quant_fit_run_fills_the_artifact_budget(finished, corpus, tmp_path):
+    _, done, _ = finished
+    limit = done["code_bytes"] + int(0.85 * done["model_bytes"])
+    rc, err, final, log = cli(tiny_env(corpus, RUN_ID="fit", ITERATIONS=20, EVAL_STRIDE=0, COMPRESSOR="zstd", QUANT_FIT=1,
+                                       GPTQ_SDCLIP_K=12, MAX_ARTIFACT_BYTES=limit), tmp_path)
+    assert rc == 0, err
+    assert 0.97 * limit <= final["artifact_bytes"] <= limit and "quant fit: probe 1" in log
+    assert final["quant_fit_scale"] > 0 and final["config"]["quant_fit"] is True
