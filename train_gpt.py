@@ -750,15 +750,13 @@ def build_schedule(n_flat, n_enc, n_crawl, loops):
 
 
 Route = collections.namedtuple("Route", "positions receive save lanes_from")
-Route.__doc__ = """One way through the schedule: the positions it runs, in order; per application the skip it receives
-(index into the skip weights, -1 for none) and whether its output is saved for a skip; the index from which
-on the stream runs as two parallel lanes."""
+Route.__doc__ = """Positions run, in order; per application the skip weight index it receives (-1: none) and
+whether its output is saved; the index from which the stream runs as two lanes."""
 
 
 def route(schedule, positions, executed_skips, parallel_last_n):
-    """U-Net skips pair saved outputs last-in first-out with the first receiving applications: flat skips
-    connect encoder flats to decoder flats, executed skips the first half of the applications run to the
-    second half (so crawler applications connect too)."""
+    """U-Net skips, last in first out: flat skips join encoder to decoder flats, executed skips the first
+    half of the applications run to the second half (crawler applications too)."""
     n = len(positions)
     roles = [schedule[p][1] for p in positions]
     save = [i < n // 2 for i in range(n)] if executed_skips else [r == "enc" for r in roles]
@@ -1236,9 +1234,8 @@ LQER_PARTS = (".lqer_a", ".lqer_b")
 
 
 def lqer_corrections(qstate, originals, rank, count, bits):
-    """LQER: the quantization error E = W - Q(W) of a matrix is approximated by A B (A = U_r S_r, B = V_r^T of
-    its SVD), both factors stored at `bits` per row. Corrects the `count` tensors where the rank-r part
-    removes the most squared error per stored factor element. Returns the new qstate entries."""
+    """LQER: a matrix's quantization error E ~ A B (A = U_r S_r, B = V_r^T), factors at `bits` per row, for
+    the `count` tensors where it removes the most squared error per stored element. Returns new entries."""
     gains = {}
     for name, W in originals.items():
         if min(W.shape) > rank:
@@ -1256,10 +1253,9 @@ def lqer_corrections(qstate, originals, rank, count, bits):
 
 
 def fit_to_budget(model, floats, plan, h, batches, run, first, budget):
-    """QUANT_FIT: exports with every SDClip width times s until the compressed model lands within 1% under
-    `budget` bytes. s moves by a secant on log2 s, starting from one bit per weight per doubling of the step;
-    each probe re-quantizes the float weights `floats` on the in-memory calibration batches (no new data).
-    `first` is the qstate at s = 1. Returns (qstate, compress result, s) of the largest probe that fits."""
+    """QUANT_FIT: every SDClip width times s, s by a secant on log2 s (first step: one bit per weight per
+    doubling), until the model lands within 1% under `budget` bytes. `first`: the qstate at s = 1. Returns
+    (qstate, compress result, s) of the largest probe that fits."""
     weights = sum(v[0].numel() for n, v in first.items() if isinstance(v, tuple) and not n.endswith(LQER_PARTS))
     probes, s, qstate = [], 1.0, first
     for i in range(h.quant_fit_probes):
@@ -1320,15 +1316,14 @@ ARTIFACT_MAGIC = b"PGCRAWL1"
 
 
 def level_layouts(q, bits):
-    """A tensor's levels two ways: dense `bits`-bit codes, byte-shuffled, or one unsigned byte per level (at
-    SDClip widths often 7-10% smaller after brotli: the coder sees whole symbols)."""
+    """A tensor's levels as dense `bits`-bit codes (byte-shuffled) or one byte per level."""
     codes = (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
     return {"packed": shuffle_bytes(pack_levels(q, bits), bits), "bytes": codes}
 
 
 def serialize(qstate, config):
-    """One blob: header length, JSON header (model config, tensor table), then each tensor's bytes. Each
-    tensor's levels take whichever layout zlib compresses smaller (a quick stand-in for the final coder)."""
+    """One blob: header length, JSON header (model config, tensor table), then each tensor's bytes, its
+    levels in the layout zlib compresses smaller (a quick stand-in for the final coder)."""
     table, parts = [], []
     for name, v in qstate.items():
         if isinstance(v, tuple):
