@@ -1252,11 +1252,16 @@ def lqer_corrections(qstate, originals, rank, count, bits):
     return out
 
 
+def quantized_weights(qstate):
+    """How many weights the artifact stores as integer levels (LQER factors not counted)."""
+    return sum(v[0].numel() for n, v in qstate.items() if isinstance(v, tuple) and not n.endswith(LQER_PARTS))
+
+
 def fit_to_budget(model, floats, plan, h, batches, run, first, budget):
     """QUANT_FIT: every SDClip width times s, s by a secant on log2 s (first step: one bit per weight per
     doubling), until the model lands within 1% under `budget` bytes. `first`: the qstate at s = 1. Returns
     (qstate, compress result, s) of the largest probe that fits."""
-    weights = sum(v[0].numel() for n, v in first.items() if isinstance(v, tuple) and not n.endswith(LQER_PARTS))
+    weights = quantized_weights(first)
     probes, s, qstate = [], 1.0, first
     for i in range(h.quant_fit_probes):
         if i:
@@ -1703,7 +1708,7 @@ class Trainer:
             return
         gen = torch.Generator().manual_seed(0)
         with rolled_back(self.model, self.opts):
-            for looping in (False, True) if self.h.crawler_start_frac else (True,):
+            for looping in sorted(self.model.routes):  # the crawler once (if training uses it), every loop
                 self.model.looping = looping
                 for s in range(steps):
                     toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
@@ -1876,8 +1881,7 @@ def prepare(h, run):
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
             f" | xsa {h.xsa_flags()}")
-    for looping in (True, False) if h.crawler_start_frac else (True,):
-        r = model.routes[looping]
+    for looping, r in model.routes.items():
         run.log(f"route, crawler {'every loop' if looping else 'once'} (block: * saved for a skip, + receives one, = in "
                 "two lanes): " + " ".join("+" * (r.receive[i] >= 0) + str(model.schedule[p][0]) + "*" * r.save[i]
                                           + "=" * (i >= r.lanes_from) for i, p in enumerate(r.positions)))
@@ -1972,8 +1976,7 @@ def export(h, run, model, trained, plan, result):
     if run.world > 1:
         dist.barrier(group=run.ctrl)
     result.update(quant_s=quant_s, compress_s=time.perf_counter() - t, **artifact_sizes(artifact, result["code_bytes"]))
-    weights = sum(v[0].numel() for n, v in qstate.items() if isinstance(v, tuple) and not n.endswith(LQER_PARTS))
-    result["bits_per_weight"] = 8 * result["model_bytes"] / weights  # every byte of the model file over quantized weights
+    result["bits_per_weight"] = 8 * result["model_bytes"] / quantized_weights(qstate)  # every byte of the model file over quantized weights
     run.log(f"artifact: {artifact} {result['model_bytes']:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
             f"{result['code_bytes']:,} = {result['artifact_bytes']:,} bytes; {result['bits_per_weight']:.3f} bits per weight")
     return artifact, live, ckpt["model"]
