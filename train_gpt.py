@@ -1,16 +1,15 @@
 """Parameter Golf: a flat + crawler GPT trained in 10 minutes, scored in bits per byte.
 
-A few unique "flat" blocks form a U-Net (encoder half, decoder half); between the halves one or more
-weight-shared "crawler" blocks run CRAWLER_LOOPS times, so depth costs no bytes. The model is a list of
-unique blocks plus a schedule of their applications; by default every application owns its control
-vectors (residual mix, output scales, q gain, an entry embedding), which is what lets the loops of a
-shared block differ. Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization,
+Unique "flat" blocks form a U-Net; between its halves weight-shared "crawler" blocks run CRAWLER_LOOPS
+times, so depth costs no bytes. The model is a list of unique blocks plus a schedule of their
+applications; each application may own its control vectors, so the loops of a shared block can differ. Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization,
 evaluation, training, main. Budget: at most 40 KB lzma-packed (records ship it packed; about 2,000 lines),
 because these bytes count against the 16 MB artifact.
 
 Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
 """
 import collections
+import concurrent.futures
 import contextlib
 import copy
 import dataclasses
@@ -135,9 +134,9 @@ class Hyperparameters:
             self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
             self.control_vectors = s("CONTROL_VECTORS", "application", choices=("application", "block"))  # per application or block
             self.unet_skips = s("UNET_SKIPS", "flat", choices=("flat", "executed"))  # U-Net skip pairs: see route()
-            self.skip_gate = b("SKIP_GATE", False)  # skip enters as lerp(w * skip, x, sigmoid(gate)) instead of x + w * skip
+            self.skip_gate = b("SKIP_GATE", False)  # skips enter as lerp(w * skip, x, sigmoid(gate))
             self.parallel_last_n = i("PARALLEL_LAST_N", 0, lo=0)  # last N applications: attention and MLP in two lanes
-            self.attn_gate = b("ATTN_GATE", False)  # per head sigmoid gate on attention output, from the input's first dims
+            self.attn_gate = b("ATTN_GATE", False)  # per-head sigmoid gate on attention output
             self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
             self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
             self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
@@ -369,7 +368,7 @@ def start_run(h, log):
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     taken = [p for p in (f"{h.run_id}.txt", f"{h.run_id}_model.pt", f"{h.run_id}_model.ptz", f"{h.run_id}_interrupted.pt")
              if os.path.exists(os.path.join("logs", p))]
-    if taken:  # checked before any rank writes: a rerun never appends to or overwrites an earlier run
+    if taken:  # before any rank writes: a rerun never overwrites a run
         raise ConfigError(f"RUN_ID={h.run_id} is taken (logs/{taken[0]} exists); pick a new RUN_ID or leave it unset")
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
@@ -459,9 +458,8 @@ def check_token_ids(path, tokens, vocab_size):
 
 
 class TrainLoader:
-    """Random seq_len+1 token windows, drawn without replacement within an epoch from a permutation
-    that depends only on SEED and the epoch; each epoch shifts the window grid by a random phase.
-    Every rank draws the same global batch and keeps its own disjoint slice."""
+    """Random seq_len+1 token windows, without replacement within an epoch (a permutation from SEED and the
+    epoch; each epoch shifts the window grid). Each rank keeps its own slice of the same global batch."""
 
     def __init__(self, paths, seq_len, seed, rank, world, device=torch.device("cpu")):
         self.shards = [open_shard(p) for p in paths]
@@ -783,7 +781,7 @@ class GPT(nn.Module):
                                     [Block(h, h.crawler_mlp_mult, xsa[n_flat + c]) for c in range(n_crawl)])
         self.schedule = build_schedule(n_flat, h.num_encoder_layers, n_crawl, h.crawler_loops)
         P = len(self.schedule)
-        # Routes: every loop (export, eval, training from CRAWLER_START_FRAC on), and the crawler once before it.
+        # Routes: every loop (eval, export, training from CRAWLER_START_FRAC), and the crawler once before.
         executed = h.unet_skips == "executed"
         self.routes = {True: route(self.schedule, list(range(P)), executed, h.parallel_last_n)}
         if h.crawler_start_frac:
@@ -795,7 +793,7 @@ class GPT(nn.Module):
         self.tok_emb = nn.Embedding(h.vocab_size, d)
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size else None
         self.smear = SmearGate() if h.smear_gate else None
-        self.head_input = nn.Identity()  # where the tied output head's inputs can be observed (embedding GPTQ)
+        self.head_input = nn.Identity()  # the head's inputs, for embedding GPTQ
         # Control vectors: one row per schedule position (a crawler block gets one row per loop), or per block.
         self.row = list(range(P)) if h.control_vectors == "application" else [j for j, _, _ in self.schedule]
         R = max(self.row, default=-1) + 1
@@ -932,9 +930,8 @@ def newton_schulz(G, steps, coeffs=NS_COEFFS["classic"]):
 
 
 class Muon(torch.optim.Optimizer):
-    """Nesterov momentum, orthogonalised by Newton-Schulz (`coeffs`), decoupled weight decay; with `row_norm`
-    (MuonEq-R) each row of the update is scaled to unit norm first. Same-shape matrices are stacked into one
-    batched call; with several ranks each orthogonalises a share and all-gathers."""
+    """Nesterov momentum, Newton-Schulz (`coeffs`), decoupled weight decay; `row_norm` (MuonEq-R): unit rows
+    first. Same-shape matrices run as one batched call; ranks orthogonalise shares and all-gather."""
 
     def __init__(self, params, lr, momentum, backend_steps, wd, rank=0, world=1, zeropower=newton_schulz,
                  coeffs=NS_COEFFS["classic"], row_norm=False):
@@ -1008,9 +1005,9 @@ def build_optimizers(model, h, run, zeropower):
 
 
 def schedule(step, progress, h):
-    """(LR multiplier, Muon momentum) for `step` at `progress` in [0, 1] of the budget (wall clock, or
-    ITERATIONS without a cap). LR: linear warmup over LR_WARMUP_STEPS, constant, then linear decay to
-    MIN_LR_FRAC over the final WARMDOWN_FRAC. Momentum: linear ramp over MUON_MOMENTUM_WARMUP_STEPS."""
+    """(LR multiplier, Muon momentum) at `step` and `progress` in [0, 1] of the budget (wall clock, else
+    ITERATIONS). LR: warmup over LR_WARMUP_STEPS, flat, then linear to MIN_LR_FRAC over the last
+    WARMDOWN_FRAC. Momentum: ramp over MUON_MOMENTUM_WARMUP_STEPS."""
     lr = min(1.0, (step + 1) / h.lr_warmup_steps) if h.lr_warmup_steps else 1.0
     left = 1.0 - progress
     if h.warmdown_frac and left < h.warmdown_frac:
@@ -1020,9 +1017,8 @@ def schedule(step, progress, h):
 
 
 class EMA:
-    """fp32 exponential moving average of all parameters. The decay ramps up as (1+n)/(10+n) until it
-    reaches EMA_DECAY, so the initial weights fade out even in short runs (else 0.997^600 = 17% of the
-    average would still be the random init after 600 steps)."""
+    """fp32 EMA of all parameters; the decay ramps as (1+n)/(10+n) up to EMA_DECAY so the random init fades
+    out even in short runs (0.997^600 = 17%)."""
 
     def __init__(self, model, decay):
         self.decay, self.updates = decay, 0
@@ -1108,9 +1104,8 @@ class StopForward(Exception):
 
 
 def collect_hessians(model, names, batches, run):
-    """H = sum of x^T x over every input row each named CastedLinear (or the output head, for tok_emb) sees on the calibration batches
-    (a shared block contributes once per application), summed across ranks. Each forward stops after
-    the last application of the last target."""
+    """H = sum of x^T x over the input rows each named CastedLinear (the head, for tok_emb) sees on the
+    calibration batches (a shared block: every application), summed across ranks; forwards stop early."""
     mods = dict(model.named_modules(), tok_emb=model.head_input)  # the tied embedding's rows are the head's
     uses = {j: sum(1 for b, _, _ in model.schedule if b == j) for j in range(len(model.blocks))}
     expected = {n: uses[int(n.split(".")[1])] if n.startswith("blocks.") else 1 for n in names}
@@ -1157,9 +1152,8 @@ def input_groups(model):
 
 @dataclasses.dataclass
 class ExportPlan:
-    """The export, decided once: `rounds` of (CastedLinear names, whether their Hessians are collected first,
-    on the model as quantized so far), (bits, SDClip k) of every quantized tensor, whether it reads
-    calibration data, and the seconds training leaves for that."""
+    """The export, decided once: `rounds` of (CastedLinear names, whether Hessians are collected first on the
+    model as quantized so far), (bits, SDClip k) per tensor, whether it calibrates, and the seconds for it."""
     rounds: list
     specs: dict
     calibrate: bool
@@ -1180,8 +1174,8 @@ def export_plan(h, model):
         rounds = [(linear, False)]
     elif h.quant_method == "gptq":  # one Hessian pass on the float model
         rounds = [(linear, True)]
-    else:  # sequential: each group's inputs come from the quantized layers before it; the crawler is
-        rounds = []  # quantized again (from its floats) once its own quantized loops produce its inputs
+    else:  # sequential, on inputs from the quantized layers before; the crawler again (from its floats)
+        rounds = []  # once its own quantized loops produce its inputs
         for is_crawler, segment in itertools.groupby(input_groups(model), key=lambda g: g[1]):
             segment = [names for names, _ in segment]
             rounds += [(names, True) for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)) for names in segment]
@@ -1192,10 +1186,9 @@ def export_plan(h, model):
 
 
 def quantize_model(model, plan, h, batches, run):
-    """Quantizes the weights `plan` names, round by round, and the other embedding tables (round to nearest);
-    small tensors stay fp16; LQER_RANK adds error corrections. Leaves the model's quantized weights at their
-    dequantized values. Returns
-    {state_dict name: (levels int8, step fp16, bits) or fp16 tensor}."""
+    """Quantizes `plan`'s weights round by round, the other embedding tables to nearest; small tensors stay
+    fp16; LQER_RANK adds corrections. Leaves the model at the dequantized values. Returns {state_dict name:
+    (levels int8, step fp16, bits) or fp16 tensor}."""
     mods = dict(model.named_modules())
     floats = {n: mods[n].weight.detach().float().clone() for names, _ in plan.rounds for n in names}
     out, progress = {}, Progress(run.log, "quantize", len(plan.rounds), "rounds")
@@ -1203,7 +1196,7 @@ def quantize_model(model, plan, h, batches, run):
         H = collect_hessians(model, names, batches, run) if hessian else None
         for n in names:
             (bits, k), W = plan.specs[n + ".weight"], floats[n]
-            step = row_scales(W, bits, k).half().float()  # the step the artifact will hold
+            step = row_scales(W, bits, k).half().float()  # as the artifact holds it
             q = quantize_gptq(W, H[n], step, bits, h.gptq_damp) if H else quantize_rtn(W, step, bits)
             out[n + ".weight"] = (q.to(torch.int8).cpu(), step.half().cpu(), bits)
             with torch.no_grad():
@@ -1258,9 +1251,9 @@ def quantized_weights(qstate):
 
 
 def fit_to_budget(model, floats, plan, h, batches, run, first, budget):
-    """QUANT_FIT: every SDClip width times s, s by a secant on log2 s (first step: one bit per weight per
-    doubling), until the model lands within 1% under `budget` bytes. `first`: the qstate at s = 1. Returns
-    (qstate, compress result, s) of the largest probe that fits."""
+    """QUANT_FIT: every SDClip width times s (secant on log2 s; first slope one bit per weight per doubling)
+    until the model lands within 1% under `budget` bytes. `first`: the qstate at s = 1. Returns (qstate,
+    compress result, s) of the largest probe that fits."""
     weights = quantized_weights(first)
     probes, s, qstate = [], 1.0, first
     for i in range(h.quant_fit_probes):
@@ -1317,7 +1310,7 @@ def unshuffle_bytes(buf, width):
     return np.ascontiguousarray(buf.reshape(width, -1).T).ravel()
 
 
-ARTIFACT_MAGIC = b"PGCRAWL1"
+ARTIFACT_MAGIC = b"PGCRAWL2"  # 2: coded in chunks
 
 
 def level_layouts(q, bits):
@@ -1356,7 +1349,7 @@ def deserialize(blob):
         pos += count
         return data[pos - count:pos]
 
-    for name, shape, bits, nbytes, *layout in header["tensors"]:  # artifacts before layouts: packed
+    for name, shape, bits, nbytes, *layout in header["tensors"]:  # fp16 entries: no layout
         count = math.prod(shape)
         if bits == 16:
             qstate[name] = torch.from_numpy(unshuffle_bytes(take(2 * count), 2).view(np.float16).reshape(shape).copy())
@@ -1370,18 +1363,27 @@ def deserialize(blob):
     return qstate, header["config"]
 
 
+CHUNK_BYTES = 1 << 21  # coded in parallel threads (the coders release the GIL)
+
+
 def compress(blob, method):
-    """(compressor name, bytes): zstd level 22, brotli quality 11, or whichever is smaller (auto)."""
-    out = {}
+    """(compressor name, bytes, sizes tried): zstd level 22, brotli quality 11, or whichever is smaller (auto),
+    of each CHUNK_BYTES piece, after a table of the pieces' lengths."""
+    coders = {}
     try:
         if method in ("zstd", "auto"):
             import zstandard
-            out["zstd"] = zstandard.ZstdCompressor(level=22, threads=-1).compress(blob)
+            coders["zstd"] = lambda b: zstandard.ZstdCompressor(level=22).compress(b)
         if method in ("brotli", "auto"):
             import brotli
-            out["brotli"] = brotli.compress(blob, quality=11, lgwin=24)
+            coders["brotli"] = lambda b: brotli.compress(b, quality=11, lgwin=24)
     except ImportError as e:
         raise ConfigError(f"COMPRESSOR={method} needs the '{e.name}' package: pip install {e.name}") from None
+    chunks, out = [blob[i:i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)], {}
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        for name, code in coders.items():
+            parts = list(pool.map(code, chunks))
+            out[name] = np.array([len(parts), *map(len, parts)], "<u4").tobytes() + b"".join(parts)
     name = min(out, key=lambda k: len(out[k]))
     return name, out[name], {k: len(v) for k, v in out.items()}
 
@@ -1402,17 +1404,20 @@ def write_artifact(path, qstate, config, method, packed=None):
 def read_artifact(path):
     raw = open(path, "rb").read()
     if not raw.startswith(ARTIFACT_MAGIC):
-        raise ConfigError(f"{path}: not an artifact written by this script (bad magic); for a float checkpoint "
-                          "(logs/<RUN_ID>_model.pt) use EXPORT_FROM")
-    name = raw[8:16].rstrip(b"\0").decode()
+        raise ConfigError(f"{path}: not an artifact written by this version of the script (bad magic); for a float "
+                          "checkpoint (logs/<RUN_ID>_model.pt) use EXPORT_FROM")
+    name, n = raw[8:16].rstrip(b"\0").decode(), int.from_bytes(raw[16:20], "little")
     try:
         if name == "zstd":
             import zstandard
-            blob = zstandard.ZstdDecompressor().decompress(raw[16:])
+            decode = zstandard.ZstdDecompressor().decompress
         else:
             import brotli
-            blob = brotli.decompress(raw[16:])
-        return deserialize(blob)
+            decode = brotli.decompress
+        ends = np.cumsum(np.frombuffer(raw, "<u4", n, 20), dtype=np.int64) + 20 + 4 * n  # the chunk table
+        if not n or ends[-1] != len(raw):
+            raise ValueError("chunk table does not match the file's length")
+        return deserialize(b"".join(decode(raw[a:b]) for a, b in zip([20 + 4 * n, *ends[:-1]], ends)))
     except ImportError as e:
         raise ConfigError(f"{path} is {name}-compressed: pip install {e.name}") from None
     except Exception as e:
@@ -1592,11 +1597,9 @@ def ttt_sgd(model, runner, tokens, luts, h, run):
 
 
 def ttt_lora(model, tokens, luts, h, run):
-    """Score-first per-document LoRA TTT: every document gets fresh rank-TTT_LORA_RANK adapters on the
-    attention projections and the head; its chunks of TTT_LORA_CHUNK tokens are scored in order, each
-    with the adapters trained on the document's earlier chunks only. Documents run batched, one adapter
-    set per batch row, the base weights frozen. Returns (metrics, {first target position: sums} per
-    document chunk)."""
+    """Score-first per-document LoRA TTT: fresh rank-TTT_LORA_RANK adapters (attention, head) per document;
+    its TTT_LORA_CHUNK-token chunks are scored in order, each after training on the earlier ones only.
+    Batched, one adapter set per row, base frozen. Returns (metrics, {first target position: sums})."""
     n, L, C, r = len(tokens) - 1, h.eval_seq_len, h.ttt_lora_chunk, h.ttt_lora_rank
     starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
     docs = [(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a]
@@ -1650,9 +1653,8 @@ def ttt_lora(model, tokens, luts, h, run):
 
 
 def project_eval_time(log, t0, done, new, total, h, spent=0.0):
-    """Adds `new` scored tokens; once 10% are done, logs the time the whole TTT eval will take at the
-    rate so far (plus `spent` seconds before t0, e.g. compiling), warning past MAX_EVAL_SECONDS.
-    Returns the new count."""
+    """Adds `new` scored tokens; at 10% logs the projected eval time (plus `spent`, e.g. compiling), warning
+    past MAX_EVAL_SECONDS. Returns the new count."""
     if done < total / 10 <= done + new:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the GPU's time, not how far the host has queued ahead
@@ -1701,9 +1703,8 @@ class Trainer:
         return total
 
     def warmup(self, steps, micro_seqs, seq_len, vocab, device):
-        """Runs `steps` steps on random tokens per route training takes (crawler once, every loop), so every
-        graph compiles before the clock starts, then restores model and optimizer state exactly: warm-up
-        neither trains the model nor touches data. Call before creating the EMA."""
+        """`steps` steps on random tokens per route training takes, so every graph compiles before the
+        clock starts; model and optimizer state are then restored exactly. Call before creating the EMA."""
         if not steps:
             return
         gen = torch.Generator().manual_seed(0)
@@ -1951,7 +1952,7 @@ def export(h, run, model, trained, plan, result):
     live = {k: v.detach().clone() for k, v in model.state_dict().items()} if trained.ema is not None else None
     if trained.ema is not None:
         trained.ema.copy_to(model)
-    ckpt = float_checkpoint(h, model)  # the final float weights, kept on the CPU while quantization edits the model
+    ckpt = float_checkpoint(h, model)  # float weights, on the CPU
     t = time.perf_counter()
     batches = calibration_batches(h, trained.loader, run.world) if plan.calibrate else []
     qstate = quantize_model(model, plan, h, batches, run)

@@ -321,6 +321,33 @@ def test_each_tensor_keeps_the_layout_that_compresses_smaller(monkeypatch, tmp_p
     assert chosen < 0.97 * len(T.compress(T.serialize(qstate, {}), "zstd")[1])
 
 
+def test_artifacts_are_coded_in_chunks(monkeypatch, tmp_path):
+    """The blob is coded as independent CHUNK_BYTES pieces (in parallel) after a table of their lengths; an
+    older single-stream artifact or a table that does not match the file is one clear error."""
+    import brotli
+    W = torch.randn(64, 256, generator=torch.Generator().manual_seed(1))
+    step = T.row_scales(W, 6, 15.0).half().float()
+    qstate = {"w": (T.quantize_rtn(W, step, 6).to(torch.int8), step.half(), 6), "v": torch.randn(5).half()}
+    blob = T.serialize(qstate, {"x": 1})
+    monkeypatch.setattr(T, "CHUNK_BYTES", 4096)
+    path = str(tmp_path / "c.ptz")
+    T.write_artifact(path, qstate, {"x": 1}, "brotli")
+    raw = open(path, "rb").read()
+    n = int.from_bytes(raw[16:20], "little")
+    lengths = np.frombuffer(raw, "<u4", n, 20)
+    assert raw[:8] == b"PGCRAWL2" and n == -(-len(blob) // 4096) > 3 and 20 + 4 * n + lengths.sum() == len(raw)
+    first = raw[20 + 4 * n:20 + 4 * n + int(lengths[0])]
+    assert brotli.decompress(first) == blob[:4096]
+    back, cfg = T.read_artifact(path)
+    assert cfg == {"x": 1} and torch.equal(back["w"][0], qstate["w"][0]) and torch.equal(back["v"], qstate["v"])
+    (tmp_path / "old.ptz").write_bytes(b"PGCRAWL1" + b"brotli\0\0" + brotli.compress(blob))
+    with pytest.raises(T.ConfigError, match="old.ptz: not an artifact written by this version"):
+        T.read_artifact(str(tmp_path / "old.ptz"))
+    (tmp_path / "cut.ptz").write_bytes(raw[:-1])
+    with pytest.raises(T.ConfigError, match="cut.ptz: corrupt or truncated artifact"):
+        T.read_artifact(str(tmp_path / "cut.ptz"))
+
+
 def test_lqer_lowers_the_reconstruction_error(trained, tmp_path):
     """LQER_RANK: the chosen tensors carry a low-bit rank-r correction A B of their quantization error; the
     dequantized weights (in memory, in the model, and read back from the artifact) include it."""
