@@ -27,7 +27,6 @@ import sys
 import threading
 import time
 import uuid
-import zlib
 
 import numpy as np
 import sentencepiece as spm
@@ -182,8 +181,8 @@ class Hyperparameters:
         self.gptq_sdclip_k_mlp = f("GPTQ_SDCLIP_K_MLP", 0.0, lo=0)  # MLP matrices; 0 = GPTQ_SDCLIP_K
         self.gptq_sdclip_k_crawler = f("GPTQ_SDCLIP_K_CRAWLER", 0.0, lo=0)  # crawler matrices; 0 = their family's k
         self.embed_sdclip_k = f("EMBED_SDCLIP_K", 0.0, lo=0)  # embedding tables; 0 = per-row MSE clip search
-        self.embed_gptq = b("EMBED_GPTQ", False)  # GPTQ the tied embedding on the output head's inputs (last round)
-        self.quant_fit = b("QUANT_FIT", False)  # scale every SDClip width to land within 1% under the byte budget
+        self.embed_gptq = b("EMBED_GPTQ", False)  # GPTQ the tied embedding on the head's inputs
+        self.quant_fit = b("QUANT_FIT", False)  # scale SDClip widths to fill the byte budget
         self.quant_fit_probes = i("QUANT_FIT_PROBES", 6, lo=1)  # exports tried at most (each: quantize + compress)
         self.lqer_rank = i("LQER_RANK", 0, lo=0)  # rank of the quantization-error correction A B; 0 = no LQER
         self.lqer_tensors = i("LQER_TENSORS", 3, lo=1)  # tensors corrected: most squared error removed per byte
@@ -1165,7 +1164,7 @@ def export_plan(h, model):
     linear = [n for n, m in mods.items() if isinstance(m, CastedLinear)]
     crawler = tuple(f"blocks.{j}." for j in model.crawler_ids)
 
-    def spec(n):  # per family: attention, MLP (the crawler's own k, if set, over either), other matrices
+    def spec(n):  # attention, MLP, other; the crawler's k over either
         k = h.gptq_sdclip_k_attn if ".attn." in n else h.gptq_sdclip_k_mlp if ".mlp." in n else h.gptq_sdclip_k
         return (h.crawler_quant_bits, h.gptq_sdclip_k_crawler or k) if n.startswith(crawler) else (h.quant_bits, k)
     specs = {n + ".weight": spec(n) for n in linear}
@@ -1250,10 +1249,13 @@ def quantized_weights(qstate):
     return sum(v[0].numel() for n, v in qstate.items() if isinstance(v, tuple) and not n.endswith(LQER_PARTS))
 
 
+QUANT_FIT_SCALES = (0.5, 4.0)  # finer clips real weights
+
+
 def fit_to_budget(model, floats, plan, h, batches, run, first, budget):
-    """QUANT_FIT: every SDClip width times s (secant on log2 s; first slope one bit per weight per doubling)
-    until the model lands within 1% under `budget` bytes. `first`: the qstate at s = 1. Returns (qstate,
-    compress result, s) of the largest probe that fits."""
+    """QUANT_FIT: SDClip widths times s (in QUANT_FIT_SCALES; secant on log2 s, first slope one bit per
+    weight per doubling) until the model is within 1% under `budget`. `first`: the qstate at s = 1. Returns
+    (qstate, compress result, s): the largest probe that fits, else the smallest."""
     weights = quantized_weights(first)
     probes, s, qstate = [], 1.0, first
     for i in range(h.quant_fit_probes):
@@ -1271,7 +1273,10 @@ def fit_to_budget(model, floats, plan, h, batches, run, first, budget):
             slope = (probes[-2][0] - size) / (math.log2(s) - math.log2(probes[-2][1]))
         else:
             slope = weights / 8
-        s *= 2 ** ((size - 0.995 * budget) / max(slope, 1.0))
+        s = min(max(s * 2 ** ((size - 0.995 * budget) / max(slope, 1.0)), QUANT_FIT_SCALES[0]), QUANT_FIT_SCALES[1])
+        if s == probes[-1][1]:
+            run.log(f"quant fit: stops at the bound x {s}")
+            break
     fitting = [p for p in probes if p[0] <= budget]
     size, s, qstate, packed = max(fitting, key=lambda p: p[0]) if fitting else min(probes, key=lambda p: p[0])
     model.load_state_dict(dict(floats, **dequantize(qstate)))
@@ -1313,23 +1318,26 @@ def unshuffle_bytes(buf, width):
 ARTIFACT_MAGIC = b"PGCRAWL2"  # 2: coded in chunks
 
 
-def level_layouts(q, bits):
-    """A tensor's levels as dense `bits`-bit codes (byte-shuffled) or one byte per level."""
-    codes = (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
-    return {"packed": shuffle_bytes(pack_levels(q, bits), bits), "bytes": codes}
+BYTES_FROM_BITS = 5  # brotli-11 and zstd-22 code 5+ bit levels smaller as whole bytes, fewer bits packed (README)
+
+
+def level_layout(q, bits):
+    """(layout, bytes) of a tensor's levels: one byte per level from BYTES_FROM_BITS, else dense codes,
+    byte-shuffled."""
+    if bits >= BYTES_FROM_BITS:
+        return "bytes", (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
+    return "packed", shuffle_bytes(pack_levels(q, bits), bits)
 
 
 def serialize(qstate, config):
-    """One blob: header length, JSON header (model config, tensor table), then each tensor's bytes, its
-    levels in the layout zlib compresses smaller (a quick stand-in for the final coder)."""
+    """One blob: header length, JSON header (model config, tensor table), then each tensor's bytes."""
     table, parts = [], []
     for name, v in qstate.items():
         if isinstance(v, tuple):
             q, step, bits = v
-            layouts = level_layouts(q, bits)
-            layout = min(layouts, key=lambda k: len(zlib.compress(layouts[k].tobytes(), 6)))
-            parts += [layouts[layout], shuffle_bytes(step.reshape(-1).numpy().view(np.uint8), 2)]
-            table.append([name, list(q.shape), bits, len(layouts[layout]), layout])
+            layout, levels = level_layout(q, bits)
+            parts += [levels, shuffle_bytes(step.reshape(-1).numpy().view(np.uint8), 2)]
+            table.append([name, list(q.shape), bits, len(levels), layout])
         else:
             parts.append(shuffle_bytes(v.reshape(-1).numpy().view(np.uint8), 2))
             table.append([name, list(v.shape), 16, 0])
@@ -1628,7 +1636,7 @@ def ttt_lora(model, tokens, luts, h, run):
             opt = torch.optim.Adam([t for ab in adapters for t in ab], lr=h.ttt_lora_lr)
             longest = max(b - a for a, b in batch)
             for k in range(0, longest, C):
-                wins = []  # per document: the window ending at its chunk's last target, scoring that chunk
+                wins = []  # per document: the window scoring its chunk
                 for a, b in batch:
                     e = min(a + k + C, b)
                     ws = max(a, e - L)
