@@ -114,7 +114,7 @@ class Hyperparameters:
         self.train_batch_tokens = i("TRAIN_BATCH_TOKENS", 786_432, lo=1)  # global tokens per step
         self.micro_batch_tokens = i("MICRO_BATCH_TOKENS", 0, lo=0)  # per rank per forward; 0 = up to 98,304
         self.warmup_steps = i("WARMUP_STEPS", 5, lo=0)  # compile warm-up on random tokens, then rolled back
-        self.lr_warmup_steps = i("LR_WARMUP_STEPS", 20, lo=0)  # linear LR ramp: Adam's first full-size steps spike the loss
+        self.lr_warmup_steps = i("LR_WARMUP_STEPS", 20, lo=0)  # Adam's first full steps spike the loss
         self.warmdown_frac = f("WARMDOWN_FRAC", 0.7, lo=0, hi=1)  # final share of the budget with linear decay
         self.min_lr_frac = f("MIN_LR_FRAC", 0.1, lo=0, hi=1)  # LR multiplier at the end of warmdown
         self.train_log_every = i("TRAIN_LOG_EVERY", 100, lo=1)
@@ -149,7 +149,7 @@ class Hyperparameters:
             self.smear_gate = b("SMEAR_GATE", True)
             self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
         self.qk_gain_init = f("QK_GAIN_INIT", 4.0, lo=0)
-        self.crawler_start_frac = f("CRAWLER_START_FRAC", 0.0, lo=0, hi=1)  # crawler runs once until this share of the budget
+        self.crawler_start_frac = f("CRAWLER_START_FRAC", 0.0, lo=0, hi=1)  # crawler once until this share of the budget
         self.tied_embed_init_std = f("TIED_EMBED_INIT_STD", 0.005, lo=0)
         # Optimizers
         self.matrix_lr = f("MATRIX_LR", 0.03, lo=0)  # Muon, block matrices
@@ -174,7 +174,7 @@ class Hyperparameters:
         self.quant_bits = i("QUANT_BITS", 6, lo=2, hi=8)  # block matrices
         self.crawler_quant_bits = i("CRAWLER_QUANT_BITS", 0, lo=0, hi=8)  # crawler block matrices; 0 = QUANT_BITS
         self.embed_quant_bits = i("EMBED_QUANT_BITS", 8, lo=2, hi=8)  # embedding tables (round to nearest)
-        self.crawler_qat = b("CRAWLER_QAT", False)  # train the crawler through fake quantization at its export width
+        self.crawler_qat = b("CRAWLER_QAT", False)  # fake-quantize the crawler in training
         self.gptq_damp = f("GPTQ_DAMP", 0.01, lo=0)  # Hessian damping, times the mean diagonal
         self.gptq_sdclip_k = f("GPTQ_SDCLIP_K", 0.0, lo=0)  # row clip = k * row std; 0 = per-row MSE clip search
         self.gptq_sdclip_k_attn = f("GPTQ_SDCLIP_K_ATTN", 0.0, lo=0)  # attention matrices; 0 = GPTQ_SDCLIP_K
@@ -183,11 +183,11 @@ class Hyperparameters:
         self.embed_sdclip_k = f("EMBED_SDCLIP_K", 0.0, lo=0)  # embedding tables; 0 = per-row MSE clip search
         self.embed_gptq = b("EMBED_GPTQ", False)  # GPTQ the tied embedding on the head's inputs
         self.quant_fit = b("QUANT_FIT", False)  # scale SDClip widths to fill the byte budget
-        self.quant_fit_probes = i("QUANT_FIT_PROBES", 6, lo=1)  # exports tried at most (each: quantize + compress)
+        self.quant_fit_probes = i("QUANT_FIT_PROBES", 6, lo=1)  # exports tried at most
         self.lqer_rank = i("LQER_RANK", 0, lo=0)  # rank of the quantization-error correction A B; 0 = no LQER
         self.lqer_tensors = i("LQER_TENSORS", 3, lo=1)  # tensors corrected: most squared error removed per byte
         self.lqer_bits = i("LQER_BITS", 4, lo=2, hi=8)  # bits of the factors A and B (per row)
-        self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: re-collect + re-quantize rounds for the crawler
+        self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: extra crawler rounds
         self.gptq_calib_tokens = i("GPTQ_CALIB_TOKENS", 262_144, lo=1)  # training tokens for the Hessians (all ranks)
         self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 12.0, lo=0)  # stop training this early for calibration
         self.compressor = s("COMPRESSOR", "brotli", choices=("zstd", "brotli", "auto"))
@@ -254,7 +254,8 @@ class Hyperparameters:
             raise ConfigError(f"ROPE_DIMS={self.rope_dims}: must be even and at most the head dim {d // h}")
         if self.num_flat_layers + self.crawler_loops == 0:
             raise ConfigError("NUM_FLAT_LAYERS=0 with CRAWLER_LOOPS=0 leaves no blocks; set one of them above 0")
-        if self.quant_fit and not (self.gptq_sdclip_k or self.gptq_sdclip_k_attn or self.gptq_sdclip_k_mlp):
+        if self.quant_fit and not (self.gptq_sdclip_k or self.gptq_sdclip_k_attn or self.gptq_sdclip_k_mlp
+                                   or self.gptq_sdclip_k_crawler or self.embed_sdclip_k):
             raise ConfigError("QUANT_FIT=1 scales SDClip widths: set GPTQ_SDCLIP_K (e.g. 12), it is 0 (clip search)")
         if self.crawler_start_frac >= 1:
             raise ConfigError(f"CRAWLER_START_FRAC={self.crawler_start_frac}: must be below 1 (the loops must train)")
@@ -304,8 +305,8 @@ PROGRESS_SECONDS = 10.0  # long phases log a progress line at most this often
 
 
 class Logger:
-    """Rank 0 prints and appends to logs/<RUN_ID>.txt once `open` named the run; `error` lines go to stderr
-    (from every rank until the run is set up) and to the log."""
+    """Rank 0 prints and appends to logs/<RUN_ID>.txt once `open` named it; `error` lines also go to stderr
+    (every rank's, until the run is set up)."""
 
     def __init__(self):
         self.path, self.quiet = None, False
@@ -350,6 +351,14 @@ class Run:
         if self.world > 1:
             dist.all_reduce(t)
         return t
+
+    def from_rank0(self, x):
+        """Rank 0's number, on every rank."""
+        if self.world == 1:
+            return x
+        msg = torch.tensor([float(x)], dtype=torch.float64)
+        dist.broadcast(msg, 0, group=self.ctrl)
+        return msg.item()
 
     def agree(self, elapsed_ms, stop, signum):
         """Rank 0's elapsed time and stop decision, and any rank's interrupt signal, identical on every rank
@@ -399,8 +408,7 @@ class Progress:
 
 @contextlib.contextmanager
 def heartbeat(log, label):
-    """Logs `label: still running (Ns)` every PROGRESS_SECONDS from a thread while one long call (compiling,
-    compressing) runs."""
+    """Logs `label: still running (Ns)` every PROGRESS_SECONDS while one long call runs."""
     done, t0 = threading.Event(), time.perf_counter()
 
     def beat():
@@ -457,8 +465,8 @@ def check_token_ids(path, tokens, vocab_size):
 
 
 class TrainLoader:
-    """Random seq_len+1 token windows, without replacement within an epoch (a permutation from SEED and the
-    epoch; each epoch shifts the window grid). Each rank keeps its own slice of the same global batch."""
+    """Random seq_len+1 token windows without replacement in an epoch (a permutation from SEED and epoch;
+    each epoch shifts the grid). Each rank keeps its slice of the same global batch."""
 
     def __init__(self, paths, seq_len, seed, rank, world, device=torch.device("cpu")):
         self.shards = [open_shard(p) for p in paths]
@@ -560,8 +568,7 @@ FLASH_ATTN, ATTENTION_BACKEND = load_flash_attention()
 
 
 def select_sdpa_backend(name):
-    """Restricts PyTorch SDPA to one backend (auto = PyTorch's choice); an unsupported shape then fails
-    loudly instead of silently falling back."""
+    """Restricts PyTorch SDPA to one backend (auto: PyTorch's choice), so an unsupported shape fails loudly."""
     if name != "auto" and torch.cuda.is_available():
         for backend in ("flash", "cudnn", "mem_efficient", "math"):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
@@ -596,9 +603,8 @@ def lora_delta(x, lora):
 
 
 class CastedLinear(nn.Linear):
-    """Bias-free linear with an fp32 master weight, computed in the input's dtype; with qat_bits set, the
-    forward sees the weight fake-quantized at that width (quantization-aware training), with `lora` set
-    it adds a per-row low-rank update."""
+    """Bias-free linear, fp32 master weight, computed in the input's dtype; `qat_bits`: the forward sees
+    the weight fake-quantized; `lora`: adds a per-row low-rank update."""
 
     def __init__(self, n_in, n_out, zero_init=False):
         super().__init__(n_in, n_out, bias=False)
@@ -793,7 +799,7 @@ class GPT(nn.Module):
         self.bigram = BigramHash(h.bigram_vocab_size, h.bigram_dim, d) if h.bigram_vocab_size else None
         self.smear = SmearGate() if h.smear_gate else None
         self.head_input = nn.Identity()  # the head's inputs, for embedding GPTQ
-        # Control vectors: one row per schedule position (a crawler block gets one row per loop), or per block.
+        # Control vectors: a row per schedule position (crawler: per loop), or per block.
         self.row = list(range(P)) if h.control_vectors == "application" else [j for j, _, _ in self.schedule]
         R = max(self.row, default=-1) + 1
         self.app_emb = nn.Parameter(torch.zeros(R, d)) if h.control_vectors == "application" else None  # tells loops apart
@@ -1075,9 +1081,8 @@ def quantize_rtn(W, step, bits):
 
 
 def quantize_gptq(W, H, step, bits, damp, block=128):
-    """Textbook GPTQ with fixed per-row steps: columns in descending order of the Hessian diagonal, each
-    column's rounding error spread over the later columns through the upper Cholesky factor of H^-1,
-    processed in blocks of `block` columns. Returns integer levels [rows, cols]."""
+    """Textbook GPTQ with fixed per-row steps: columns by descending Hessian diagonal, each one's rounding
+    error spread over later columns via the upper Cholesky factor of H^-1, in blocks. Returns levels."""
     W, H, q = W.float().clone(), H.float().clone(), qmax(bits)
     dead = H.diagonal() == 0
     H[dead, dead] = 1.0
@@ -1136,8 +1141,8 @@ def collect_hessians(model, names, batches, run):
 
 
 def input_groups(model):
-    """CastedLinear weight names grouped by shared input, in execution order: the bigram projection, then
-    per unique block (first application) q/k/v, attention output, MLP in, MLP out. Flags crawler blocks."""
+    """CastedLinear names grouped by shared input, in execution order (bigram projection, then per block
+    q/k/v, attention out, MLP in, MLP out), each flagged crawler or not."""
     groups = [(["bigram.proj"], False)] if model.bigram is not None else []
     seen = []
     for j, role, _ in model.schedule:
@@ -1184,15 +1189,17 @@ def export_plan(h, model):
     return ExportPlan(rounds, specs, calibrate, h.gptq_reserve_seconds if calibrate else 0.0)
 
 
-def quantize_model(model, plan, h, batches, run):
-    """Quantizes `plan`'s weights round by round, the other embedding tables to nearest; small tensors stay
-    fp16; LQER_RANK adds corrections. Leaves the model at the dequantized values. Returns {state_dict name:
-    (levels int8, step fp16, bits) or fp16 tensor}."""
+def quantize_model(model, plan, h, batches, run, hessians):
+    """Quantizes `plan`'s weights by rounds, other embeddings to nearest, LQER_RANK corrections; small tensors
+    stay fp16. `hessians` {round: H}: collected from `batches` once, then reused (QUANT_FIT reads no data).
+    Leaves the model dequantized. Returns {name: (levels int8, step fp16, bits) or fp16 tensor}."""
     mods = dict(model.named_modules())
     floats = {n: mods[n].weight.detach().float().clone() for names, _ in plan.rounds for n in names}
     out, progress = {}, Progress(run.log, "quantize", len(plan.rounds), "rounds")
     for r, (names, hessian) in enumerate(plan.rounds):
-        H = collect_hessians(model, names, batches, run) if hessian else None
+        if hessian and r not in hessians:
+            hessians[r] = collect_hessians(model, names, batches, run)
+        H = hessians.get(r)
         for n in names:
             (bits, k), W = plan.specs[n + ".weight"], floats[n]
             step = row_scales(W, bits, k).half().float()  # as the artifact holds it
@@ -1252,35 +1259,38 @@ def quantized_weights(qstate):
 QUANT_FIT_SCALES = (0.5, 4.0)  # finer clips real weights
 
 
-def fit_to_budget(model, floats, plan, h, batches, run, first, budget):
-    """QUANT_FIT: SDClip widths times s (in QUANT_FIT_SCALES; secant on log2 s, first slope one bit per
-    weight per doubling) until the model is within 1% under `budget`. `first`: the qstate at s = 1. Returns
-    (qstate, compress result, s): the largest probe that fits, else the smallest."""
-    weights = quantized_weights(first)
-    probes, s, qstate = [], 1.0, first
+def fit_to_budget(model, floats, plan, h, hessians, run, first, budget):
+    """QUANT_FIT: SDClip widths times 2^t until the model is within 1% under `budget` (rank 0's sizes
+    decide): secant on t, then bisection once bracketed. `first`: the qstate at t = 0. Returns (qstate,
+    rank 0's compress result, scale) of the largest probe that fits, else of the smallest."""
+    weights, (lo, hi) = quantized_weights(first), map(math.log2, QUANT_FIT_SCALES)
+    probes, t, qstate = [], 0.0, first
     for i in range(h.quant_fit_probes):
         if i:
             model.load_state_dict(floats)
-            specs = {n: (bits, k * s) for n, (bits, k) in plan.specs.items()}
-            qstate = quantize_model(model, dataclasses.replace(plan, specs=specs), h, batches, run)
-        packed = compress(serialize(qstate, h.model_config()), h.compressor)
-        size = len(packed[1]) + ARTIFACT_HEADER_BYTES
-        probes.append((size, s, qstate, packed))
-        run.log(f"quant fit: probe {i + 1}: SDClip widths x {s:.4f} -> {size:,} model bytes (budget {budget:,})")
+            specs = {n: (bits, k * 2 ** t) for n, (bits, k) in plan.specs.items()}
+            qstate = quantize_model(model, dataclasses.replace(plan, specs=specs), h, [], run, hessians)
+        packed = compress(serialize(qstate, h.model_config()), h.compressor) if run.rank == 0 else None
+        size = int(run.from_rank0(len(packed[1]) + ARTIFACT_HEADER_BYTES if packed else 0))
+        probes.append((size, t, qstate, packed))
+        run.log(f"quant fit: probe {i + 1}: SDClip widths x {2 ** t:.4f} -> {size:,} model bytes (budget {budget:,})")
         if 0.99 * budget <= size <= budget:
             break
-        if len(probes) > 1 and probes[-2][0] != size:  # bytes per doubling, measured
-            slope = (probes[-2][0] - size) / (math.log2(s) - math.log2(probes[-2][1]))
+        over, under = [p[1] for p in probes if p[0] > budget], [p[1] for p in probes if p[0] < budget]
+        if over and under:  # sizes fall as t grows
+            t = (max(over) + min(under)) / 2
         else:
-            slope = weights / 8
-        s = min(max(s * 2 ** ((size - 0.995 * budget) / max(slope, 1.0)), QUANT_FIT_SCALES[0]), QUANT_FIT_SCALES[1])
-        if s == probes[-1][1]:
-            run.log(f"quant fit: stops at the bound x {s}")
+            prev = probes[-2] if i else (size, t)
+            slope = (prev[0] - size) / (t - prev[1]) if t != prev[1] else 0.0  # bytes per doubling
+            step = (size - 0.995 * budget) / (slope if slope > 0 else weights / 8)
+            t = min(max(t + min(max(step, -1.0), 1.0), lo), hi)
+        if any(abs(t - p[1]) < 1e-9 for p in probes):
+            run.log(f"quant fit: stops, x {2 ** t:.4f} was probed")
             break
     fitting = [p for p in probes if p[0] <= budget]
-    size, s, qstate, packed = max(fitting, key=lambda p: p[0]) if fitting else min(probes, key=lambda p: p[0])
+    size, t, qstate, packed = max(fitting, key=lambda p: p[0]) if fitting else min(probes, key=lambda p: p[0])
     model.load_state_dict(dict(floats, **dequantize(qstate)))
-    return qstate, packed, s
+    return qstate, packed, 2 ** t
 
 
 def dequantize(qstate):
@@ -1318,7 +1328,7 @@ def unshuffle_bytes(buf, width):
 ARTIFACT_MAGIC = b"PGCRAWL2"  # 2: coded in chunks
 
 
-BYTES_FROM_BITS = 5  # brotli-11 and zstd-22 code 5+ bit levels smaller as whole bytes, fewer bits packed (README)
+BYTES_FROM_BITS = 5  # whole bytes code smaller from 5 bits (README)
 
 
 def level_layout(q, bits):
@@ -1364,8 +1374,10 @@ def deserialize(blob):
             continue
         if layout == ["bytes"]:
             levels = take(nbytes).astype(np.int16) - qmax(bits) - 1
-        else:
+        elif layout == ["packed"]:
             levels = unpack_levels(unshuffle_bytes(take(nbytes), bits), bits, count)
+        else:
+            raise ValueError(f"{name}: unknown level layout {layout}")
         step = unshuffle_bytes(take(2 * shape[0]), 2).view(np.float16).reshape(shape[0], 1)
         qstate[name] = (torch.from_numpy(levels.astype(np.int8).reshape(shape)), torch.from_numpy(step.copy()), bits)
     return qstate, header["config"]
@@ -1440,7 +1452,7 @@ def float_checkpoint(h, model):
 def load_checkpoint(path):
     """(model config, or None for the bare weights an older run saved; weights) of a float checkpoint."""
     with open(path, "rb") as fh:
-        if fh.read(len(ARTIFACT_MAGIC)) == ARTIFACT_MAGIC:
+        if fh.read(7) == ARTIFACT_MAGIC[:7]:  # any version
             raise ConfigError(f"EXPORT_FROM={path} is an artifact, not a float checkpoint: evaluate it with EVAL_ONLY={path}")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
@@ -1472,9 +1484,8 @@ def load_weights(model, state, source):
 
 
 def eval_windows(a, b, lo, L, stride):
-    """(start, first scored offset, length) of windows scoring each target position in [a, b) once. Near
-    `lo` (stream, document or context floor) one window from `lo` scores everything it can see; after
-    that each window scores `stride` positions with L - stride or more tokens of context."""
+    """(start, first scored offset, length) of windows scoring each target in [a, b) once: one window from
+    `lo` (stream, document or context floor) scores all it sees, then each scores `stride` positions."""
     if not 0 < stride <= L:
         raise ValueError(f"window stride {stride} cannot cover the targets: it must be between 1 and {L}")
     wins, p = [], a
@@ -1562,9 +1573,8 @@ def evaluate(model, tokens, luts, h, run, stride=None, label="eval"):
 
 
 def ttt_sgd(model, runner, tokens, luts, h, run):
-    """Score-first TTT of the whole model: chunk c is scored first (those scores count), then the model
-    takes TTT_EPOCHS SGD passes over chunk c's tokens, which are all already scored, before chunk c+1.
-    Returns (metrics, {first target position: sums} per chunk)."""
+    """Score-first TTT of the whole model: chunk c is scored (those scores count), then TTT_EPOCHS SGD
+    passes over its tokens, before chunk c+1. Returns (metrics, {first target position: sums})."""
     L, params = h.train_seq_len, list(model.parameters())
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     plan = window_plan(tokens, h.eval_seq_len, h.eval_stride, h.eval_doc_isolation, h.ttt_chunk_tokens)
@@ -1717,7 +1727,7 @@ class Trainer:
             return
         gen = torch.Generator().manual_seed(0)
         with rolled_back(self.model, self.opts):
-            for looping in sorted(self.model.routes):  # the crawler once (if training uses it), every loop
+            for looping in sorted(self.model.routes):  # each route training takes
                 self.model.looping = looping
                 for s in range(steps):
                     toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
@@ -1731,8 +1741,8 @@ def save_atomic(obj, path):
 
 
 def batch_layout(h, world):
-    """(sequences per micro-batch, accumulation steps) that keep TRAIN_BATCH_TOKENS global. MICRO_BATCH_TOKENS=0
-    takes the largest whole-sequence micro-batch of at most 98,304 tokens that divides each rank's share."""
+    """(sequences per micro-batch, accumulation steps) keeping TRAIN_BATCH_TOKENS global; MICRO_BATCH_TOKENS=0:
+    the largest whole-sequence micro-batch of at most 98,304 tokens dividing each rank's share."""
     L, share = h.train_seq_len, h.train_batch_tokens // world
     micro = h.micro_batch_tokens or next((k * L for k in range(min(98_304, share) // L, 0, -1) if share % (k * L) == 0), 0)
     if not micro or micro % L or h.train_batch_tokens % (micro * world):
@@ -1827,7 +1837,7 @@ def train(h, run, model, compiled, val, plan):
 
 
 def ranks_identical(run, model, ema):
-    """Whether every rank holds the same live weights and EMA (sha256 of each rank's, gathered)."""
+    """Whether every rank holds the same live weights and EMA (sha256s gathered)."""
     if run.world == 1:
         return True
     digest = hashlib.sha256()
@@ -1945,7 +1955,7 @@ def save_interrupted(h, run, model, trained):
         run.log(f"interrupted after step {trained.steps}: weights saved to {path}; export them with "
                 f"EXPORT_FROM={path} python3 train_gpt.py")
     if run.world > 1:
-        dist.barrier(group=run.ctrl)  # no rank exits (and gets torchrun to kill the rest) before the save
+        dist.barrier(group=run.ctrl)  # no rank exits before the save
     return 128 + trained.signum
 
 
@@ -1955,37 +1965,39 @@ def artifact_sizes(path, code_bytes):
 
 
 def export(h, run, model, trained, plan, result):
-    """EMA weights in; calibration and quantization inside the training budget; the artifact (and the float
-    checkpoint) written via temp files. Returns (artifact path, live weights or None, float weights)."""
+    """EMA weights in; calibration and quantization inside the training budget; checkpoint and artifact
+    via temp files. Returns (artifact path, live weights or None, float weights)."""
     live = {k: v.detach().clone() for k, v in model.state_dict().items()} if trained.ema is not None else None
     if trained.ema is not None:
         trained.ema.copy_to(model)
     ckpt = float_checkpoint(h, model)  # float weights, on the CPU
     t = time.perf_counter()
     batches = calibration_batches(h, trained.loader, run.world) if plan.calibrate else []
-    qstate = quantize_model(model, plan, h, batches, run)
+    qstate = quantize_model(model, plan, h, batches, run, hessians := {})
     run.sync()
-    quant_s = time.perf_counter() - t  # the calibration data is read by now: more probes reuse it
+    quant_s = time.perf_counter() - t  # calibration data all read
     data_s = trained.train_ms / 1000 + quant_s if trained.steps and h.max_wallclock_seconds else None
     run.log(f"quantize: {h.quant_method} in {quant_s:.1f}s" + (f"; training data last read at {data_s:.1f}s of the "
             f"{h.max_wallclock_seconds:.0f}s budget" if data_s is not None else ""))
     if data_s is not None and data_s > h.max_wallclock_seconds:
         run.log(f"warning: training + calibration took {data_s:.1f}s > MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
+    if run.rank == 0 and h.save_checkpoint:  # first: a failed export keeps the weights
+        save_atomic(ckpt, os.path.join("logs", f"{h.run_id}_model.pt"))
     artifact, packed = os.path.join("logs", f"{h.run_id}_model.ptz"), None
-    t = time.perf_counter()
     if h.quant_fit:
+        t = time.perf_counter()
         budget = h.max_artifact_bytes - result["code_bytes"]
-        qstate, packed, result["quant_fit_scale"] = fit_to_budget(model, ckpt["model"], plan, h, batches, run, qstate, budget)
+        qstate, packed, result["quant_fit_scale"] = fit_to_budget(model, ckpt["model"], plan, h, hessians, run, qstate, budget)
+        result["quant_fit_s"] = time.perf_counter() - t
+    t = time.perf_counter()
     if run.rank == 0:
         with heartbeat(run.log, f"compress ({h.compressor})"):
             result["compressor"], result["compressed_bytes"] = write_artifact(artifact, qstate, h.model_config(),
                                                                               h.compressor, packed)
-        if h.save_checkpoint:
-            save_atomic(ckpt, os.path.join("logs", f"{h.run_id}_model.pt"))
     if run.world > 1:
         dist.barrier(group=run.ctrl)
     result.update(quant_s=quant_s, compress_s=time.perf_counter() - t, **artifact_sizes(artifact, result["code_bytes"]))
-    result["bits_per_weight"] = 8 * result["model_bytes"] / quantized_weights(qstate)  # every byte of the model file over quantized weights
+    result["bits_per_weight"] = 8 * result["model_bytes"] / quantized_weights(qstate)
     run.log(f"artifact: {artifact} {result['model_bytes']:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
             f"{result['code_bytes']:,} = {result['artifact_bytes']:,} bytes; {result['bits_per_weight']:.3f} bits per weight")
     return artifact, live, ckpt["model"]

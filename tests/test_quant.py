@@ -87,7 +87,7 @@ def quantized_loss(trained, **extra):
     model, tokens, luts, calib = trained
     h = hparams(CRAWLER_LOOPS=3, **extra)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    qstate = T.quantize_model(model, T.export_plan(h, model), h, calib, T.Run())
+    qstate = T.quantize_model(model, T.export_plan(h, model), h, calib, T.Run(), {})
     model.load_state_dict(T.dequantize(qstate))
     res = T.evaluate(model, tokens, luts, h, T.Run())
     model.load_state_dict(state)
@@ -296,7 +296,7 @@ def test_embedding_gptq_beats_round_to_nearest_on_the_head_loss(trained):
     rtn, gptq = proxy(T.quantize_rtn(W, step, 4)), proxy(T.quantize_gptq(W, H, step, 4, 0.01))
     assert gptq < 0.9 * rtn, (gptq, rtn)
     state = {k: v.clone() for k, v in model.state_dict().items()}
-    qstate = T.quantize_model(model, plan, h, calib, T.Run())
+    qstate = T.quantize_model(model, plan, h, calib, T.Run(), {})
     model.load_state_dict(state)
     assert qstate["tok_emb.weight"][2] == 4 and qstate["bigram.embed.weight"][2] == 4
     assert not torch.equal(qstate["tok_emb.weight"][0], T.quantize_rtn(W, step, 4).to(torch.int8))  # GPTQ'd
@@ -360,7 +360,7 @@ def test_lqer_lowers_the_reconstruction_error(trained, tmp_path):
     floats = {n: p.detach().clone() for n, p in model.named_parameters()}
     _, plain = quantized_loss(trained, QUANT_METHOD="rtn", QUANT_BITS=3)
     h = hparams(CRAWLER_LOOPS=3, QUANT_METHOD="rtn", QUANT_BITS=3, LQER_RANK=4, LQER_TENSORS=2, LQER_BITS=4)
-    qstate = T.quantize_model(model, T.export_plan(h, model), h, calib, T.Run())
+    qstate = T.quantize_model(model, T.export_plan(h, model), h, calib, T.Run(), {})
     corrected = [n[:-len(".lqer_a")] for n in qstate if n.endswith(".lqer_a")]
     assert len(corrected) == 2 and all(n + ".lqer_b" in qstate for n in corrected)
     a, b = qstate[corrected[0] + ".lqer_a"], qstate[corrected[0] + ".lqer_b"]
@@ -384,10 +384,10 @@ def test_quant_fit_lands_just_under_the_budget(trained, ratio):
     floats = {k: v.clone() for k, v in model.state_dict().items()}
     h = hparams(CRAWLER_LOOPS=3, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10, EMBED_SDCLIP_K=12, QUANT_FIT=1, COMPRESSOR="zstd")
     plan = T.export_plan(h, model)
-    first = T.quantize_model(model, plan, h, calib, T.Run())
+    first = T.quantize_model(model, plan, h, calib, T.Run(), {})
     size1 = len(T.compress(T.serialize(first, h.model_config()), "zstd")[1]) + T.ARTIFACT_HEADER_BYTES
     budget = int(ratio * size1)
-    qstate, packed, s = T.fit_to_budget(model, floats, plan, h, calib, T.Run(), first, budget)
+    qstate, packed, s = T.fit_to_budget(model, floats, plan, h, {}, T.Run(), first, budget)
     size = len(packed[1]) + T.ARTIFACT_HEADER_BYTES
     model.load_state_dict(floats)
     assert 0.97 * budget <= size <= budget, (size, budget, s)
@@ -401,17 +401,68 @@ def test_quant_fit_stops_at_its_scale_bounds(trained):
     floats = {k: v.clone() for k, v in model.state_dict().items()}
     h = hparams(QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10, QUANT_FIT=1, COMPRESSOR="zstd")
     plan, lines = T.export_plan(h, model), []
-    first = T.quantize_model(model, plan, h, calib, T.Run())
+    first = T.quantize_model(model, plan, h, calib, T.Run(), {})
     run = T.Run(log=lambda m: lines.append(m))
-    _, packed, s = T.fit_to_budget(model, floats, plan, h, calib, run, first, 20 * len(T.serialize(first, {})))
+    _, packed, s = T.fit_to_budget(model, floats, plan, h, {}, run, first, 20 * len(T.serialize(first, {})))
     model.load_state_dict(floats)
     assert s == T.QUANT_FIT_SCALES[0] and sum("quant fit: probe" in m for m in lines) == 2
-    assert "stops at the bound x 0.5" in lines[-1]
+    assert "stops, x 0.5000 was probed" in lines[-1]
+
+
+def test_quant_fit_survives_sizes_that_grow_with_the_scale(trained, monkeypatch):
+    """Coders are not monotone (zstd-22 on a small model can grow on a coarser grid). A negative measured
+    slope must not blow up the step (2 ** x overflowed) nor leave the scale bounds; with no probe under
+    the budget the smallest is kept."""
+    model, _, _, calib = trained
+    floats = {k: v.clone() for k, v in model.state_dict().items()}
+    h = hparams(QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10, QUANT_FIT=1, COMPRESSOR="zstd")
+    plan, lines = T.export_plan(h, model), []
+    first = T.quantize_model(model, plan, h, calib, T.Run(), {})
+    name = next(n for n, v in first.items() if isinstance(v, tuple))
+    budget, step1 = 100_000, first[name][1].float()
+
+    def compress(blob, method):  # 1.02x the budget at scale 1, growing with the scale
+        scale = (T.deserialize(blob)[0][name][1].float() / step1).median().item()
+        return "zstd", b"x" * int(budget * (1.02 + 0.2 * (scale - 1))), {}
+    monkeypatch.setattr(T, "compress", compress)
+    _, packed, s = T.fit_to_budget(model, floats, plan, h, {}, T.Run(log=lines.append), first, budget)
+    model.load_state_dict(floats)
+    scales = [float(m.split(" x ")[1].split()[0]) for m in lines if "quant fit: probe" in m]
+    assert s == 1.0 and len(packed[1]) == int(1.02 * budget) and 2 < len(scales) <= h.quant_fit_probes
+    assert all(T.QUANT_FIT_SCALES[0] <= x <= T.QUANT_FIT_SCALES[1] for x in scales) and max(scales) == 4.0
+
+
+def test_quant_fit_probes_reuse_the_first_hessians_and_read_no_data(trained, monkeypatch):
+    """The calibration data is read once, inside the training budget: QUANT_FIT's probes (loop-aware GPTQ,
+    GPTQ embeddings) re-quantize from the Hessians of the first pass and never run a calibration forward;
+    the model ends at the chosen probe's dequantized weights."""
+    model, _, _, calib = trained
+    floats = {k: v.clone() for k, v in model.state_dict().items()}
+    h = hparams(CRAWLER_LOOPS=3, GPTQ_SDCLIP_K=10, EMBED_SDCLIP_K=12, EMBED_GPTQ=1, QUANT_FIT=1, COMPRESSOR="zstd")
+    plan, hessians = T.export_plan(h, model), {}
+    first = T.quantize_model(model, plan, h, calib, T.Run(), hessians)
+    assert sorted(hessians) == list(range(len(plan.rounds)))
+
+    def no_data(*args):
+        raise AssertionError("a probe collected Hessians")
+    monkeypatch.setattr(T, "collect_hessians", no_data)
+    budget = int(0.85 * len(T.compress(T.serialize(first, h.model_config()), "zstd")[1]))
+    qstate, packed, s = T.fit_to_budget(model, floats, plan, h, hessians, T.Run(), first, budget)
+    assert s > 1 and len(packed[1]) + T.ARTIFACT_HEADER_BYTES <= budget
+    model.load_state_dict(floats)
+    again = T.quantize_model(model, T.dataclasses.replace(plan, specs={n: (b, k * s) for n, (b, k) in plan.specs.items()}),
+                             h, [], T.Run(), hessians)
+    assert all(torch.equal(again[n][0], qstate[n][0]) for n in qstate if isinstance(qstate[n], tuple))
+    T.fit_to_budget(model, floats, plan, h, hessians, T.Run(), first, budget)
+    state = model.state_dict()
+    assert all(torch.equal(state[n].float(), W.to(state[n].device)) for n, W in T.dequantize(qstate).items())
+    model.load_state_dict(floats)
 
 
 def test_quant_fit_needs_sdclip_widths():
     with pytest.raises(T.ConfigError, match="QUANT_FIT=1 scales SDClip widths: set GPTQ_SDCLIP_K"):
         hparams(QUANT_FIT=1)
+    assert hparams(QUANT_FIT=1, EMBED_SDCLIP_K=15).quant_fit and hparams(QUANT_FIT=1, GPTQ_SDCLIP_K_CRAWLER=9).quant_fit
 
 
 def test_quant_fit_run_fills_the_artifact_budget(finished, corpus, tmp_path):

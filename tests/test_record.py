@@ -237,14 +237,15 @@ def test_later_loops_restart_from_loop_zero_at_the_switch():
 
 def test_two_ranks_train_the_record_stack_identically(corpus, tmp_path):
     """2-rank gloo: the loop switch, lanes, gates and skips keep every rank's weights identical (DDP needs
-    every parameter in both routes' graphs)."""
+    every parameter in both routes' graphs); QUANT_FIT's probes follow rank 0's sizes on both ranks."""
     from conftest import run_train, tiny_env
     env = tiny_env(corpus, **RECORD, UNET_SKIPS="executed", SKIP_GATE=1, CRAWLER_START_FRAC="0.5", PARALLEL_LAST_N=3,
                    ATTN_GATE=1, MUON_NS="polar", MUON_ROW_NORM=1, ITERATIONS=6, QUANT_METHOD="rtn", EVAL_STRIDE=0,
-                   RUN_ID="rec2", SCALAR_WD="0.02")
+                   RUN_ID="rec2", SCALAR_WD="0.02", QUANT_FIT=1, GPTQ_SDCLIP_K=12, MAX_ARTIFACT_BYTES=10_000_000)
     final, log = run_train(env, tmp_path, nproc=2)
     assert final["rank_weights_identical"] is True and final["steps"] == 6
     assert "step 3: the crawler runs every loop" in log
+    assert "quant fit: probe 2: SDClip widths x 0.5000" in log and final["quant_fit_scale"] == 0.5
 
 
 def test_layouts_without_skips_and_old_configs():

@@ -194,7 +194,7 @@ def test_long_phases_report_progress(corpus, monkeypatch):
     model = T.GPT(h)
     loader = T.TrainLoader(T.shard_paths(str(data), "train"), 128, 0, 0, 1)
     plan = T.export_plan(h, model)
-    T.quantize_model(model, plan, h, list(loader.next_step(4, 1)), run)
+    T.quantize_model(model, plan, h, list(loader.next_step(4, 1)), run, {})
     assert [ln for ln in lines if ln.startswith("quantize: 1/")] and len(plan.rounds) > 5
     tokens = T.load_val_tokens(str(data))[:3000]
     T.evaluate(model, tokens, T.load_tokenizer_luts(str(tok), 512), h, run, stride=64, label="sliding eval")
