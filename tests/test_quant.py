@@ -376,15 +376,21 @@ def test_lqer_lowers_the_reconstruction_error(trained, tmp_path):
     assert set(back) == set(floats) and all(torch.equal(back[n], with_lqer[n]) for n in back)
 
 
+def first_export(trained, **env):
+    """(model, its float state, hparams, plan, Hessians, the first qstate) for QUANT_FIT tests."""
+    model, _, _, calib = trained
+    floats = {k: v.clone() for k, v in model.state_dict().items()}
+    h = hparams(QUANT_FIT=1, COMPRESSOR="zstd", **env)
+    plan, hessians = T.export_plan(h, model), {}
+    return model, floats, h, plan, hessians, T.quantize_model(model, plan, h, calib, T.Run(), hessians)
+
+
 @pytest.mark.parametrize("ratio", [0.8, 1.15])
 def test_quant_fit_lands_just_under_the_budget(trained, ratio):
     """QUANT_FIT scales every SDClip width until the compressed model is within 3% under the budget (the
     search aims at 1%), from above or below."""
-    model, _, _, calib = trained
-    floats = {k: v.clone() for k, v in model.state_dict().items()}
-    h = hparams(CRAWLER_LOOPS=3, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10, EMBED_SDCLIP_K=12, QUANT_FIT=1, COMPRESSOR="zstd")
-    plan = T.export_plan(h, model)
-    first = T.quantize_model(model, plan, h, calib, T.Run(), {})
+    model, floats, h, plan, _, first = first_export(trained, CRAWLER_LOOPS=3, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10,
+                                                    EMBED_SDCLIP_K=12)
     size1 = len(T.compress(T.serialize(first, h.model_config()), "zstd")[1]) + T.ARTIFACT_HEADER_BYTES
     budget = int(ratio * size1)
     qstate, packed, s = T.fit_to_budget(model, floats, plan, h, {}, T.Run(), first, budget)
@@ -397,12 +403,9 @@ def test_quant_fit_lands_just_under_the_budget(trained, ratio):
 def test_quant_fit_stops_at_its_scale_bounds(trained):
     """A budget the widths cannot reach (here 20x the model) ends at the finest allowed scale, logged, not
     at a zero or negative width."""
-    model, _, _, calib = trained
-    floats = {k: v.clone() for k, v in model.state_dict().items()}
-    h = hparams(QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10, QUANT_FIT=1, COMPRESSOR="zstd")
-    plan, lines = T.export_plan(h, model), []
-    first = T.quantize_model(model, plan, h, calib, T.Run(), {})
-    run = T.Run(log=lambda m: lines.append(m))
+    model, floats, h, plan, _, first = first_export(trained, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10)
+    lines = []
+    run = T.Run(log=lines.append)
     _, packed, s = T.fit_to_budget(model, floats, plan, h, {}, run, first, 20 * len(T.serialize(first, {})))
     model.load_state_dict(floats)
     assert s == T.QUANT_FIT_SCALES[0] and sum("quant fit: probe" in m for m in lines) == 2
@@ -413,11 +416,8 @@ def test_quant_fit_survives_sizes_that_grow_with_the_scale(trained, monkeypatch)
     """Coders are not monotone (zstd-22 on a small model can grow on a coarser grid). A negative measured
     slope must not blow up the step (2 ** x overflowed) nor leave the scale bounds; with no probe under
     the budget the smallest is kept."""
-    model, _, _, calib = trained
-    floats = {k: v.clone() for k, v in model.state_dict().items()}
-    h = hparams(QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10, QUANT_FIT=1, COMPRESSOR="zstd")
-    plan, lines = T.export_plan(h, model), []
-    first = T.quantize_model(model, plan, h, calib, T.Run(), {})
+    model, floats, h, plan, _, first = first_export(trained, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=10)
+    lines = []
     name = next(n for n, v in first.items() if isinstance(v, tuple))
     budget, step1 = 100_000, first[name][1].float()
 
@@ -436,11 +436,8 @@ def test_quant_fit_probes_reuse_the_first_hessians_and_read_no_data(trained, mon
     """The calibration data is read once, inside the training budget: QUANT_FIT's probes (loop-aware GPTQ,
     GPTQ embeddings) re-quantize from the Hessians of the first pass and never run a calibration forward;
     the model ends at the chosen probe's dequantized weights."""
-    model, _, _, calib = trained
-    floats = {k: v.clone() for k, v in model.state_dict().items()}
-    h = hparams(CRAWLER_LOOPS=3, GPTQ_SDCLIP_K=10, EMBED_SDCLIP_K=12, EMBED_GPTQ=1, QUANT_FIT=1, COMPRESSOR="zstd")
-    plan, hessians = T.export_plan(h, model), {}
-    first = T.quantize_model(model, plan, h, calib, T.Run(), hessians)
+    model, floats, h, plan, hessians, first = first_export(trained, CRAWLER_LOOPS=3, GPTQ_SDCLIP_K=10, EMBED_SDCLIP_K=12,
+                                                           EMBED_GPTQ=1)
     assert sorted(hessians) == list(range(len(plan.rounds)))
 
     def no_data(*args):
