@@ -2,9 +2,10 @@
 
 Unique "flat" blocks form a U-Net; between its halves weight-shared "crawler" blocks run CRAWLER_LOOPS
 times, so depth costs no bytes. The model is a list of unique blocks plus a schedule of their
-applications; each application may own its control vectors, so the loops of a shared block can differ. Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization,
-evaluation, training, main. Budget: at most 40 KB lzma-packed (records ship it packed; about 2,000 lines),
-because these bytes count against the 16 MB artifact.
+applications; each application may own its control vectors, so the loops of a shared block can differ.
+Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization, evaluation,
+training, main. Budget: at most 40 KB lzma-packed (as records ship it): these bytes count against the
+16 MB artifact.
 
 Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
 """
