@@ -4,7 +4,7 @@ Unique "flat" blocks form a U-Net; between its halves weight-shared "crawler" bl
 times, so depth costs no bytes. The model is a list of unique blocks plus a schedule of their
 applications; each application may own its control vectors, so the loops of a shared block can differ.
 Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization, evaluation,
-training, main. Budget: at most 40 KB lzma-packed (as records ship it): these bytes count against the
+training, main. Budget: at most 44 KB lzma-packed (as records ship it): these bytes count against the
 16 MB artifact.
 
 Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
@@ -214,6 +214,7 @@ class Hyperparameters:
         self.ttt_lora_docs = i("TTT_LORA_DOCS", 32, lo=1)  # lora: documents per batch per rank
         # Runtime
         self.stream_dtype = s("STREAM_DTYPE", "bf16", choices=("bf16", "fp32"))  # residual stream on CUDA
+        self.attention = s("ATTENTION", "auto", choices=("auto", "sdpa", "fa4", "fa3"))  # auto: fa3, fa4, else SDPA
         self.sdpa_backend = s("SDPA_BACKEND", "auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
@@ -556,16 +557,54 @@ def load_tokenizer_luts(path, vocab_size):
 # MODEL
 
 
-def load_flash_attention():
-    """flash-attn 3 or 2 when importable on CUDA, else PyTorch SDPA."""
-    if torch.cuda.is_available():
-        for module in ("flash_attn_interface", "flash_attn"):
-            with contextlib.suppress(ImportError):
-                return importlib.import_module(module).flash_attn_func, module
-    return None, "sdpa"
+ATTN = {"name": "sdpa", "kernel": None}  # the attention kernel in use, set by select_attention
+ATTN_PACKAGES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute.interface"}
 
 
-FLASH_ATTN, ATTENTION_BACKEND = load_flash_attention()
+def select_attention(name):
+    """ATTENTION: FlashAttention-3 or -4 (importable on CUDA) or PyTorch SDPA; auto takes fa3, else fa4, else
+    SDPA. Returns the log's words for the choice."""
+    found = {}
+    for key, module in ATTN_PACKAGES.items():
+        with contextlib.suppress(ImportError):
+            if torch.cuda.is_available():
+                m = importlib.import_module(module)
+                found[key] = m.flash_attn_func if key == "fa3" else (m._flash_attn_fwd, m._flash_attn_bwd)
+    if name == "auto":
+        name = next(iter(found), "sdpa")
+        why = "auto: the first of fa3, fa4 importable" if found else "auto: no FlashAttention 3 or 4 importable on CUDA"
+    elif name != "sdpa" and name not in found:
+        raise ConfigError(f"ATTENTION={name}: module {ATTN_PACKAGES[name]} is not importable on a CUDA machine "
+                          "(README: FlashAttention); or ATTENTION=sdpa")
+    else:
+        why = f"ATTENTION={name}"
+    ATTN.update(name=name, kernel=found.get(name))
+    return f"{name} ({why})"
+
+
+FA4_OP = f"pg{id(ATTN)}::fa4"  # one namespace per copy of this module: a second import defines its own ops
+
+
+@torch.library.custom_op(FA4_OP, mutates_args=())
+def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """FlashAttention-4, causal, [B, T, H, D] -> (out, lse [B, H, T] fp32): one opaque op to torch.compile."""
+    out, lse = ATTN["kernel"][0](q, k, v, causal=True, return_lse=True)[:2]
+    return out, lse
+
+
+@torch.library.custom_op(FA4_OP + "_bwd", mutates_args=())
+def fa4_attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                      lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    dq, dk, dv = ATTN["kernel"][1](q, k, v, out, dout, lse, causal=True)[:3]
+    return dq, dk, dv
+
+
+fa4_attention.register_fake(lambda q, k, v: (torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1],
+                                                                               dtype=torch.float32)))
+fa4_attention_bwd.register_fake(lambda q, k, v, out, dout, lse: tuple(map(torch.empty_like, (q, k, v))))
+fa4_attention.register_autograd(
+    lambda ctx, dout, dlse: fa4_attention_bwd(*ctx.saved_tensors[:4], dout.contiguous(), ctx.saved_tensors[4]),
+    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
 
 
 def select_sdpa_backend(name):
@@ -577,8 +616,10 @@ def select_sdpa_backend(name):
 
 def attend(q, k, v):
     """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads)."""
-    if FLASH_ATTN is not None:
-        y = FLASH_ATTN(q, k, v, causal=True)
+    if ATTN["name"] == "fa4":
+        return fa4_attention(q, k, v)[0]
+    if ATTN["name"] == "fa3":
+        y = ATTN["kernel"](q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                                        is_causal=True, enable_gqa=k.size(2) != q.size(2))
@@ -1883,8 +1924,7 @@ def prepare(h, run):
     runner, and the start of the final JSON record."""
     code = open(__file__, "rb").read()
     gpu = torch.cuda.get_device_name(run.device) if run.is_cuda else "cpu"
-    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {ATTENTION_BACKEND}"
-            + ("" if FLASH_ATTN else " (flash-attn not installed: PyTorch SDPA)"))
+    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {select_attention(h.attention)}")
     if h.unknown_env:
         run.log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
     torch.manual_seed(h.seed)
@@ -1911,7 +1951,7 @@ def prepare(h, run):
                 "configuration is meant for GPUs (SMOKE=1 bash run.sh is a CPU-sized run)")
     compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
     result = dict(model_params=n_params, world_size=run.world, gpu=gpu, torch_version=torch.__version__, seed=h.seed,
-                  attention=ATTENTION_BACKEND, code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
+                  attention=ATTN["name"], code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
                   quant_method=h.quant_method)
     return val, model, compiled, result
 

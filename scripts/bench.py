@@ -1,7 +1,7 @@
 """Training and evaluation throughput of train_gpt.py on one GPU, one JSON line per configuration.
 
     python3 scripts/bench.py                                   # run.sh defaults and the Leg3 layout
-    python3 scripts/bench.py --configs leg3 leg3:SDPA_BACKEND=cudnn default:STREAM_DTYPE=fp32 --profile
+    python3 scripts/bench.py --configs leg3 leg3:SDPA_BACKEND=cudnn leg3:ATTENTION=fa4 --profile
 
 A configuration is a preset name from presets/ (or `default` for the run.sh defaults) plus optional
 `:VAR=value,VAR=value` overrides. Each runs in a fresh process: the real model, optimizers, loader (on a
@@ -119,6 +119,7 @@ def bench_one(env, args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64
     T.select_sdpa_backend(h.sdpa_backend)
+    T.select_attention(h.attention)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     micro_seqs, accum = T.batch_layout(h, 1)
     run = T.Run(device=device, autocast=autocast)
@@ -153,7 +154,7 @@ def bench_one(env, args):
     tokens_s = h.train_batch_tokens / step_ms * 1000
     tflops = flops_per_token(h) * 3 * tokens_s / 1e12
     out = dict(config=args.one, script=os.path.relpath(args.script, REPO), inductor=args.inductor,
-               compile_mode=args.compile_mode or "default", params=sum(p.numel() for p in model.parameters()), attention=T.ATTENTION_BACKEND,
+               compile_mode=args.compile_mode or "default", params=sum(p.numel() for p in model.parameters()), attention=T.ATTN["name"],
                sdpa_backend=h.sdpa_backend, stream_dtype=h.stream_dtype, gpu=torch.cuda.get_device_name(device),
                torch=torch.__version__, ms_per_step=round(step_ms, 2), ms_per_microbatch=round(step_ms / accum, 2),
                tokens_per_s_per_gpu=round(tokens_s), model_tflops=round(tflops, 1),

@@ -1,0 +1,85 @@
+"""ATTENTION: backend choice and the FlashAttention-4 wrapper (a torch.library custom op), checked on the CPU
+with a stand-in kernel that has FA4's calling convention."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import train_gpt as T
+
+
+def scores_of(q, k):
+    """Causal scaled scores [B, H, T, T] in fp32, k's heads repeated for GQA, and q, k, v as [B, H, T, D]."""
+    qt, kt = q.float().transpose(1, 2), k.float().transpose(1, 2).repeat_interleave(q.size(2) // k.size(2), 1)
+    s = qt @ kt.transpose(-1, -2) / q.size(-1) ** 0.5
+    return s.masked_fill(torch.ones_like(s, dtype=torch.bool).triu(1), float("-inf")), qt, kt
+
+
+def fa4_fwd(q, k, v, causal, return_lse):  # FA4's _flash_attn_fwd: (out, lse [B, H, T], ...), fresh tensors
+    assert causal and return_lse
+    s, _, _ = scores_of(q, k)
+    vt = v.float().transpose(1, 2).repeat_interleave(q.size(2) // v.size(2), 1)
+    return (s.softmax(-1) @ vt).transpose(1, 2).to(q.dtype).contiguous(), s.logsumexp(-1), None, None, None
+
+
+def fa4_bwd(q, k, v, out, dout, lse, causal):  # FA4's _flash_attn_bwd: (dq, dk, dv), from lse as FA4 does
+    s, qt, kt = scores_of(q, k)
+    group = q.size(2) // k.size(2)
+    vt = v.float().transpose(1, 2).repeat_interleave(group, 1)
+    p, do = (s - lse[..., None]).exp(), dout.float().transpose(1, 2)
+    dp = do @ vt.transpose(-1, -2)
+    ds = p * (dp - (do * out.float().transpose(1, 2)).sum(-1, keepdim=True)) / q.size(-1) ** 0.5
+    fold = lambda x: x.unflatten(1, (k.size(2), group)).sum(2).transpose(1, 2).to(k.dtype)  # sum a group's heads
+    return (ds @ kt).transpose(1, 2).to(q.dtype), fold(ds.transpose(-1, -2) @ qt), fold(p.transpose(-1, -2) @ do)
+
+
+@pytest.fixture
+def fa4(monkeypatch):
+    monkeypatch.setitem(T.ATTN, "name", "fa4")
+    monkeypatch.setitem(T.ATTN, "kernel", (fa4_fwd, fa4_bwd))
+
+
+def qkv(heads=4, kv_heads=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(2, 16, h, 8, generator=g, requires_grad=True) for h in (heads, kv_heads, kv_heads)]
+
+
+def grads(fn, q, k, v):
+    out = fn(q, k, v)
+    out.square().sum().backward()
+    return out.detach(), [x.grad.clone() for x in (q, k, v)]
+
+
+def test_fa4_op_passes_torch_library_checks(fa4):
+    """The fake (meta) registration gives the real op's shapes and dtypes, and the autograd registration is
+    consistent with the op, under torch.library's own checks (schema, fake tensors, AOT dispatch)."""
+    q, k, v = qkv()
+    torch.library.opcheck(T.fa4_attention, (q, k, v))
+    out, lse = T.fa4_attention(q, k, v)
+    assert out.shape == q.shape and lse.shape == (2, 4, 16) and lse.dtype == torch.float32
+
+
+def test_fa4_path_matches_sdpa_forward_and_backward(fa4, monkeypatch):
+    out4, g4 = grads(T.attend, *qkv())
+    monkeypatch.setitem(T.ATTN, "name", "sdpa")
+    out, g = grads(T.attend, *qkv())
+    assert torch.allclose(out4, out, atol=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-5) for a, b in zip(g4, g))
+
+
+def test_fa4_holds_a_fullgraph_compile(fa4):
+    """torch.compile(fullgraph=True) raises on a graph break: the op must trace as one node, forward and
+    backward, and give the eager result."""
+    eager_out, eager_g = grads(T.attend, *qkv(seed=1))
+    out, g = grads(torch.compile(T.attend, fullgraph=True, backend="aot_eager"), *qkv(seed=1))
+    assert torch.allclose(out, eager_out, atol=1e-6) and all(torch.allclose(a, b, atol=1e-6) for a, b in zip(g, eager_g))
+
+
+def test_attention_choice(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert T.select_attention("auto") == "sdpa (auto: no FlashAttention 3 or 4 importable on CUDA)"
+    assert T.select_attention("sdpa") == "sdpa (ATTENTION=sdpa)" and T.ATTN["name"] == "sdpa"
+    for name, module in (("fa4", "flash_attn.cute.interface"), ("fa3", "flash_attn_interface")):
+        with pytest.raises(T.ConfigError, match=f"ATTENTION={name}: module {module} is not importable"):
+            T.select_attention(name)
+    with pytest.raises(T.ConfigError, match="ATTENTION"):
+        T.Hyperparameters({"ATTENTION": "flash2"})
