@@ -137,6 +137,7 @@ class Hyperparameters:
             self.skip_gate = b("SKIP_GATE", False)  # skips enter as lerp(w * skip, x, sigmoid(gate))
             self.parallel_last_n = i("PARALLEL_LAST_N", 0, lo=0)  # last N applications: attention and MLP in two lanes
             self.attn_gate = b("ATTN_GATE", False)  # per-head sigmoid gate on attention output
+            self.doc_attention = b("DOC_ATTENTION", False)  # attention never crosses a BOS (training and eval)
             self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
             self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
             self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
@@ -240,7 +241,7 @@ class Hyperparameters:
 
     # What a checkpoint or artifact written before a shape setting existed was built with.
     LEGACY_SHAPE = dict(num_encoder_layers=-1, control_vectors="application", unet_skips="flat", skip_gate=False,
-                        parallel_last_n=0, attn_gate=False)
+                        parallel_last_n=0, attn_gate=False, doc_attention=False)
 
     def use_model_config(self, config):
         """The architecture of a checkpoint or artifact replaces the environment's; derived defaults follow it."""
@@ -561,16 +562,20 @@ ATTN = {"name": "sdpa", "kernel": None}  # the attention kernel in use, set by s
 ATTN_PACKAGES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute.interface"}
 
 
-def select_attention(name):
+def select_attention(name, docs=False):
     """ATTENTION: FlashAttention-3 or -4 (importable on CUDA) or PyTorch SDPA; auto takes fa3, else fa4, else
-    SDPA. Returns the log's words for the choice."""
+    SDPA, and SDPA (masked) with `docs` (DOC_ATTENTION). Returns the log's words for the choice."""
+    if docs and name in ("fa3", "fa4"):
+        raise ConfigError(f"DOC_ATTENTION=1 runs on a masked PyTorch SDPA for now, not ATTENTION={name}")
     found = {}
     for key, module in ATTN_PACKAGES.items():
         with contextlib.suppress(ImportError):
             if torch.cuda.is_available():
                 m = importlib.import_module(module)
                 found[key] = m.flash_attn_func if key == "fa3" else (m._flash_attn_fwd, m._flash_attn_bwd)
-    if name == "auto":
+    if name == "auto" and docs:
+        name, why = "sdpa", "auto: DOC_ATTENTION=1 needs the masked SDPA"
+    elif name == "auto":
         name = next(iter(found), "sdpa")
         why = "auto: the first of fa3, fa4 importable" if found else "auto: no FlashAttention 3 or 4 importable on CUDA"
     elif name != "sdpa" and name not in found:
@@ -614,15 +619,17 @@ def select_sdpa_backend(name):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
 
 
-def attend(q, k, v):
-    """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads)."""
+def attend(q, k, v, docs=None):
+    """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads); with `docs` [B, T]
+    (document ids) a position sees only its own document."""
     if ATTN["name"] == "fa4":
         return fa4_attention(q, k, v)[0]
     if ATTN["name"] == "fa3":
         y = ATTN["kernel"](q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
-                                       is_causal=True, enable_gqa=k.size(2) != q.size(2))
+    mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]).tril()
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+                                       is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
 
@@ -696,14 +703,14 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.gate = nn.Parameter(torch.zeros(heads, min(gate_width, dim))) if gate else None
 
-    def forward(self, x, cos, sin, q_gain):
+    def forward(self, x, cos, sin, q_gain, docs):
         B, T, _ = x.shape
         v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
         q = rms_norm(self.c_q(x).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.c_k(x).view(B, T, self.kv_heads, self.head_dim))
         q = apply_rotary(q, cos, sin) * q_gain[:, None].to(q.dtype)
         k = apply_rotary(k, cos, sin)
-        y = attend(q.to(v.dtype), k.to(v.dtype), v)
+        y = attend(q.to(v.dtype), k.to(v.dtype), v, docs)
         if self.xsa:
             y = exclusive(y, v)
         if self.gate is not None:
@@ -724,7 +731,7 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
-Control = collections.namedtuple("Control", "mix attn_scale mlp_scale q_gain ln cos sin lane_resid lane_post")
+Control = collections.namedtuple("Control", "mix attn_scale mlp_scale q_gain ln cos sin lane_resid lane_post docs")
 
 
 class Block(nn.Module):
@@ -743,7 +750,7 @@ class Block(nn.Module):
         return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * c.ln)
 
     def _attn(self, x, c):
-        return c.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * c.ln, c.cos, c.sin, c.q_gain)
+        return c.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * c.ln, c.cos, c.sin, c.q_gain, c.docs)
 
     def parallel(self, lanes, x0, c):
         """Two lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both read before either
@@ -834,7 +841,7 @@ class GPT(nn.Module):
         if h.crawler_start_frac:
             once = [p for p, (_, _, k) in enumerate(self.schedule) if k <= 0]
             self.routes[False] = route(self.schedule, once, executed, h.parallel_last_n)
-        self.looping = True  # which route the forward takes
+        self.looping, self.doc_attention = True, h.doc_attention  # which route the forward takes; BOS masking
         self.softcap, self.head_lora = h.logit_softcap, None
         self.stream_dtype = torch.bfloat16 if h.stream_dtype == "bf16" else torch.float32
         self.tok_emb = nn.Embedding(h.vocab_size, d)
@@ -877,12 +884,13 @@ class GPT(nn.Module):
                 if isinstance(m, CastedLinear):
                     m.qat_bits = bits
 
-    def control(self, p, dtype):
-        """Application p's control vectors, and the vector it adds to the stream on entry."""
+    def control(self, p, dtype, docs):
+        """Application p's control vectors (`docs`: document ids for DOC_ATTENTION, else None), and the vector
+        it adds to the stream on entry."""
         r, t = self.row[p], self.rope_index[p]
         lane = [None if m is None else m[r] for m in (self.lane_resid, self.lane_post)]
         c = Control(self.resid_mix[r], self.attn_scale[r], self.mlp_scale[r], self.q_gain[r], self.ln[p],
-                    self.rope_cos[t], self.rope_sin[t], *lane)
+                    self.rope_cos[t], self.rope_sin[t], *lane, docs)
         return c, 0 if self.app_emb is None else self.app_emb[r].to(dtype)
 
     CONTROL_NAMES = ("app_emb", "resid_mix", "attn_scale", "mlp_scale", "q_gain", "lane_resid", "lane_post")
@@ -922,7 +930,7 @@ class GPT(nn.Module):
         if idx.is_cuda:  # the residual stream's dtype (CPU runs stay fp32)
             x = x.to(self.stream_dtype)
         x0, skips, lanes = x, [], None
-        r = self.routes[self.looping]
+        r, docs = self.routes[self.looping], (idx == BOS_ID).cumsum(1) if self.doc_attention else None
         for i, p in enumerate(r.positions):
             if i == r.lanes_from:
                 lanes = [x, x]
@@ -930,7 +938,7 @@ class GPT(nn.Module):
                 lanes[0] = self.skip(lanes[0], skips.pop(), r.receive[i])
             elif r.receive[i] >= 0:
                 x = self.skip(x, skips.pop(), r.receive[i])
-            c, emb, j = *self.control(p, x.dtype), self.schedule[p][0]
+            c, emb, j = *self.control(p, x.dtype, docs), self.schedule[p][0]
             if lanes:
                 lanes = self.blocks[j].parallel([t + emb for t in lanes], x0, c)
             else:
@@ -1924,7 +1932,7 @@ def prepare(h, run):
     runner, and the start of the final JSON record."""
     code = open(__file__, "rb").read()
     gpu = torch.cuda.get_device_name(run.device) if run.is_cuda else "cpu"
-    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {select_attention(h.attention)}")
+    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {select_attention(h.attention, h.doc_attention)}")
     if h.unknown_env:
         run.log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
     torch.manual_seed(h.seed)

@@ -119,7 +119,7 @@ def bench_one(env, args):
     torch.backends.cuda.matmul.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64
     T.select_sdpa_backend(h.sdpa_backend)
-    T.select_attention(h.attention)
+    T.select_attention(h.attention, h.doc_attention)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     micro_seqs, accum = T.batch_layout(h, 1)
     run = T.Run(device=device, autocast=autocast)

@@ -83,3 +83,35 @@ def test_attention_choice(monkeypatch):
             T.select_attention(name)
     with pytest.raises(T.ConfigError, match="ATTENTION"):
         T.Hyperparameters({"ATTENTION": "flash2"})
+
+
+def test_doc_attention_scores_each_document_as_if_alone():
+    """DOC_ATTENTION=1: a row packing three documents gives every token the loss it gets when its document
+    runs alone (RoPE is relative; SmearGate and BigramHash already stop at BOS); without it, later
+    documents see earlier ones."""
+    from conftest import tiny_hparams
+    g = torch.Generator().manual_seed(3)
+    docs = [torch.cat([torch.tensor([T.BOS_ID]), torch.randint(2, 60, (n,), generator=g)]) for n in (6, 9, 12)]
+    row = torch.cat(docs)
+    losses = {}
+    for doc_attention in (True, False):
+        torch.manual_seed(0)
+        model = T.GPT(tiny_hparams(DOC_ATTENTION=int(doc_attention), CRAWLER_LOOPS=2))
+        with torch.no_grad():
+            for p in model.parameters():  # away from the zero init, so attention mixes positions
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
+            packed = model(row[None, :-1], row[None, 1:])[0]
+            # alone: each document, its last target the next document's BOS (the row's last: none)
+            pieces = [torch.cat([d, e[:1]]) for d, e in zip(docs, docs[1:])] + [docs[-1]]
+            alone = torch.cat([model(x[None, :-1], x[None, 1:])[0] for x in pieces])
+        losses[doc_attention] = packed, alone
+    packed, alone = losses[True]
+    assert packed.shape == alone.shape and torch.allclose(packed, alone, atol=1e-4), (packed - alone).abs().max()
+    leaky, alone_off = losses[False]
+    assert not torch.allclose(leaky[len(docs[0]):], alone_off[len(docs[0]):], atol=1e-3)
+
+
+def test_doc_attention_takes_the_masked_sdpa():
+    assert T.select_attention("auto", docs=True) == "sdpa (auto: DOC_ATTENTION=1 needs the masked SDPA)"
+    with pytest.raises(T.ConfigError, match="DOC_ATTENTION=1 runs on a masked PyTorch SDPA for now, not ATTENTION=fa4"):
+        T.select_attention("fa4", docs=True)

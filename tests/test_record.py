@@ -169,12 +169,12 @@ def test_attention_gate_per_head_from_the_first_dims():
     x = torch.randn(2, 8, 64)
     cos, sin = T.rotary_tables(16, 8, 10000.0, 1.0)
     q_gain = torch.ones(4)
-    y0, y = plain(x, cos, sin, q_gain), gated(x, cos, sin, q_gain)
+    y0, y = plain(x, cos, sin, q_gain, None), gated(x, cos, sin, q_gain, None)
     assert torch.allclose(y, 0.5 * y0, atol=1e-6)  # zero init: every head at one half
     with torch.no_grad():
         gated.gate[1].fill_(-1e4)  # head 1 shut wherever the first 12 dims sum positive
     x[..., :12] = x[..., :12].abs()
-    y0, y = plain(x, cos, sin, q_gain), gated(x, cos, sin, q_gain)
+    y0, y = plain(x, cos, sin, q_gain, None), gated(x, cos, sin, q_gain, None)
     assert torch.allclose(y[..., 16:32], torch.zeros(()), atol=1e-6)
     assert torch.allclose(y[..., :16], 0.5 * y0[..., :16], atol=1e-6)
 
@@ -237,15 +237,18 @@ def test_later_loops_restart_from_loop_zero_at_the_switch():
 
 def test_two_ranks_train_the_record_stack_identically(corpus, tmp_path):
     """2-rank gloo: the loop switch, lanes, gates and skips keep every rank's weights identical (DDP needs
-    every parameter in both routes' graphs); QUANT_FIT's probes follow rank 0's sizes on both ranks."""
+    every parameter in both routes' graphs), also with document-masked attention; QUANT_FIT's probes follow
+    rank 0's sizes on both ranks."""
     from conftest import run_train, tiny_env
     env = tiny_env(corpus, **RECORD, UNET_SKIPS="executed", SKIP_GATE=1, CRAWLER_START_FRAC="0.5", PARALLEL_LAST_N=3,
                    ATTN_GATE=1, MUON_NS="polar", MUON_ROW_NORM=1, ITERATIONS=6, QUANT_METHOD="rtn", EVAL_STRIDE=0,
-                   RUN_ID="rec2", SCALAR_WD="0.02", QUANT_FIT=1, GPTQ_SDCLIP_K=12, MAX_ARTIFACT_BYTES=10_000_000)
+                   RUN_ID="rec2", SCALAR_WD="0.02", QUANT_FIT=1, GPTQ_SDCLIP_K=12, MAX_ARTIFACT_BYTES=10_000_000,
+                   DOC_ATTENTION=1)
     final, log = run_train(env, tmp_path, nproc=2)
     assert final["rank_weights_identical"] is True and final["steps"] == 6
     assert "step 3: the crawler runs every loop" in log
     assert "quant fit: probe 2: SDClip widths x 0.5000" in log and final["quant_fit_scale"] == 0.5
+    assert "DOC_ATTENTION=1 needs the masked SDPA" in log and final["config"]["doc_attention"] is True
 
 
 def test_layouts_without_skips_and_old_configs():
