@@ -619,16 +619,21 @@ def select_sdpa_backend(name):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
 
 
+def doc_mask(idx):
+    """[B, 1, T, T]: position t may attend to s <= t of its own document (ids: a running count of BOS, made
+    on the device). Built once per forward, shared by every attention call."""
+    docs = (idx == BOS_ID).cumsum(1)
+    return (docs[:, None, :, None] == docs[:, None, None, :]).tril()
+
+
 def attend(q, k, v, docs=None):
-    """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads); with `docs` [B, T]
-    (document ids) a position sees only its own document."""
+    """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads); `docs`: a `doc_mask`."""
     if ATTN["name"] == "fa4":
         return fa4_attention(q, k, v)[0]
     if ATTN["name"] == "fa3":
         y = ATTN["kernel"](q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
-    mask = None if docs is None else (docs[:, None, :, None] == docs[:, None, None, :]).tril()
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask,
+    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
                                        is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
 
@@ -885,8 +890,8 @@ class GPT(nn.Module):
                     m.qat_bits = bits
 
     def control(self, p, dtype, docs):
-        """Application p's control vectors (`docs`: document ids for DOC_ATTENTION, else None), and the vector
-        it adds to the stream on entry."""
+        """Application p's control vectors (`docs`: the DOC_ATTENTION mask, else None), and the vector it adds
+        to the stream on entry."""
         r, t = self.row[p], self.rope_index[p]
         lane = [None if m is None else m[r] for m in (self.lane_resid, self.lane_post)]
         c = Control(self.resid_mix[r], self.attn_scale[r], self.mlp_scale[r], self.q_gain[r], self.ln[p],
@@ -930,7 +935,7 @@ class GPT(nn.Module):
         if idx.is_cuda:  # the residual stream's dtype (CPU runs stay fp32)
             x = x.to(self.stream_dtype)
         x0, skips, lanes = x, [], None
-        r, docs = self.routes[self.looping], (idx == BOS_ID).cumsum(1) if self.doc_attention else None
+        r, docs = self.routes[self.looping], doc_mask(idx) if self.doc_attention else None
         for i, p in enumerate(r.positions):
             if i == r.lanes_from:
                 lanes = [x, x]
