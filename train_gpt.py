@@ -260,6 +260,8 @@ class Hyperparameters:
         if self.quant_fit and not (self.gptq_sdclip_k or self.gptq_sdclip_k_attn or self.gptq_sdclip_k_mlp
                                    or self.gptq_sdclip_k_crawler or self.embed_sdclip_k):
             raise ConfigError("QUANT_FIT=1 scales SDClip widths: set GPTQ_SDCLIP_K (e.g. 12), it is 0 (clip search)")
+        if self.doc_attention and self.sdpa_backend == "flash":
+            raise ConfigError("SDPA_BACKEND=flash takes no mask: DOC_ATTENTION=1 needs auto, efficient, cudnn or math")
         if self.crawler_start_frac >= 1:
             raise ConfigError(f"CRAWLER_START_FRAC={self.crawler_start_frac}: must be below 1 (the loops must train)")
         if self.muon_ns == "polar" and self.muon_backend_steps != len(NS_COEFFS["polar"]):
@@ -558,7 +560,7 @@ def load_tokenizer_luts(path, vocab_size):
 # MODEL
 
 
-ATTN = {"name": "sdpa", "kernel": None}  # the attention kernel in use, set by select_attention
+ATTN = {"name": "sdpa", "module": None}  # the attention kernel in use, set by select_attention
 ATTN_PACKAGES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute.interface"}
 
 
@@ -569,10 +571,9 @@ def select_attention(name, docs=False):
         raise ConfigError(f"DOC_ATTENTION=1 runs on a masked PyTorch SDPA for now, not ATTENTION={name}")
     found = {}
     for key, module in ATTN_PACKAGES.items():
-        with contextlib.suppress(ImportError):
-            if torch.cuda.is_available():
-                m = importlib.import_module(module)
-                found[key] = m.flash_attn_func if key == "fa3" else (m._flash_attn_fwd, m._flash_attn_bwd)
+        if name in ("auto", key) and not docs and torch.cuda.is_available():
+            with contextlib.suppress(ImportError):
+                found[key] = importlib.import_module(module)
     if name == "auto" and docs:
         name, why = "sdpa", "auto: DOC_ATTENTION=1 needs the masked SDPA"
     elif name == "auto":
@@ -583,33 +584,30 @@ def select_attention(name, docs=False):
                           "(README: FlashAttention); or ATTENTION=sdpa")
     else:
         why = f"ATTENTION={name}"
-    ATTN.update(name=name, kernel=found.get(name))
+    ATTN.update(name=name, module=found.get(name))
     return f"{name} ({why})"
 
 
-FA4_OP = f"pg{id(ATTN)}::fa4"  # one namespace per copy of this module: a second import defines its own ops
+if not hasattr(torch.ops.pgolf, "fa4"):  # once per process (scripts/bench.py may load a second copy)
+    @torch.library.custom_op("pgolf::fa4", mutates_args=())
+    def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """FlashAttention-4, causal, [B, T, H, D] -> (out, lse [B, H, T] fp32): one opaque op to torch.compile."""
+        fa4 = importlib.import_module(ATTN_PACKAGES["fa4"])
+        out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
+        return out, lse
 
+    @torch.library.custom_op("pgolf::fa4_bwd", mutates_args=())
+    def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
+                     lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        dq, dk, dv = importlib.import_module(ATTN_PACKAGES["fa4"])._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
+        return dq, dk, dv
 
-@torch.library.custom_op(FA4_OP, mutates_args=())
-def fa4_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """FlashAttention-4, causal, [B, T, H, D] -> (out, lse [B, H, T] fp32): one opaque op to torch.compile."""
-    out, lse = ATTN["kernel"][0](q, k, v, causal=True, return_lse=True)[:2]
-    return out, lse
-
-
-@torch.library.custom_op(FA4_OP + "_bwd", mutates_args=())
-def fa4_attention_bwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                      lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    dq, dk, dv = ATTN["kernel"][1](q, k, v, out, dout, lse, causal=True)[:3]
-    return dq, dk, dv
-
-
-fa4_attention.register_fake(lambda q, k, v: (torch.empty_like(q), q.new_empty(q.shape[0], q.shape[2], q.shape[1],
-                                                                               dtype=torch.float32)))
-fa4_attention_bwd.register_fake(lambda q, k, v, out, dout, lse: tuple(map(torch.empty_like, (q, k, v))))
-fa4_attention.register_autograd(
-    lambda ctx, dout, dlse: fa4_attention_bwd(*ctx.saved_tensors[:4], dout.contiguous(), ctx.saved_tensors[4]),
-    setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
+    fa4_forward.register_fake(lambda q, k, v: (q.new_empty(q.shape), q.new_empty(q.shape[0], q.shape[2], q.shape[1],
+                                                                                  dtype=torch.float32)))
+    fa4_backward.register_fake(lambda q, k, v, out, dout, lse: tuple(x.new_empty(x.shape) for x in (q, k, v)))
+    fa4_forward.register_autograd(
+        lambda ctx, dout, dlse: fa4_backward(*ctx.saved_tensors[:4], dout.contiguous(), ctx.saved_tensors[4]),
+        setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
 
 
 def select_sdpa_backend(name):
@@ -629,10 +627,12 @@ def doc_mask(idx):
 def attend(q, k, v, docs=None):
     """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads); `docs`: a `doc_mask`."""
     if ATTN["name"] == "fa4":
-        return fa4_attention(q, k, v)[0]
+        return torch.ops.pgolf.fa4(q, k, v)[0]
     if ATTN["name"] == "fa3":
-        y = ATTN["kernel"](q, k, v, causal=True)
+        y = ATTN["module"].flash_attn_func(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
+    if docs is not None and k.size(2) != q.size(2):  # the kernels that take a mask take no GQA (else: math, O(T^2))
+        k, v = (x.repeat_interleave(q.size(2) // x.size(2), 2) for x in (k, v))
     y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
                                        is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
     return y.transpose(1, 2)
@@ -1937,7 +1937,8 @@ def prepare(h, run):
     runner, and the start of the final JSON record."""
     code = open(__file__, "rb").read()
     gpu = torch.cuda.get_device_name(run.device) if run.is_cuda else "cpu"
-    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {select_attention(h.attention, h.doc_attention)}")
+    attention = select_attention(h.attention, h.doc_attention)
+    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {attention}")
     if h.unknown_env:
         run.log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
     torch.manual_seed(h.seed)

@@ -1,8 +1,10 @@
 """ATTENTION: backend choice and the FlashAttention-4 wrapper (a torch.library custom op), checked on the CPU
 with a stand-in kernel that has FA4's calling convention."""
+import sys
+import types
+
 import pytest
 import torch
-import torch.nn.functional as F
 
 import train_gpt as T
 
@@ -28,14 +30,20 @@ def fa4_bwd(q, k, v, out, dout, lse, causal):  # FA4's _flash_attn_bwd: (dq, dk,
     p, do = (s - lse[..., None]).exp(), dout.float().transpose(1, 2)
     dp = do @ vt.transpose(-1, -2)
     ds = p * (dp - (do * out.float().transpose(1, 2)).sum(-1, keepdim=True)) / q.size(-1) ** 0.5
-    fold = lambda x: x.unflatten(1, (k.size(2), group)).sum(2).transpose(1, 2).to(k.dtype)  # sum a group's heads
-    return (ds @ kt).transpose(1, 2).to(q.dtype), fold(ds.transpose(-1, -2) @ qt), fold(p.transpose(-1, -2) @ do)
+    fold = lambda x: x.unflatten(1, (k.size(2), group)).sum(2).transpose(1, 2).to(k.dtype).contiguous()
+    return (ds @ kt).transpose(1, 2).to(q.dtype).contiguous(), fold(ds.transpose(-1, -2) @ qt), fold(p.transpose(-1, -2) @ do)
 
 
 @pytest.fixture
 def fa4(monkeypatch):
-    monkeypatch.setitem(T.ATTN, "name", "fa4")
-    monkeypatch.setitem(T.ATTN, "kernel", (fa4_fwd, fa4_bwd))
+    """The stand-in kernels installed as FA4's module and ATTENTION=fa4 selected (all restored afterwards)."""
+    stand_in = types.SimpleNamespace(_flash_attn_fwd=fa4_fwd, _flash_attn_bwd=fa4_bwd)
+    monkeypatch.setitem(sys.modules, T.ATTN_PACKAGES["fa4"], stand_in)
+    for key in ("name", "module"):
+        monkeypatch.setitem(T.ATTN, key, T.ATTN[key])
+    with monkeypatch.context() as m:
+        m.setattr(torch.cuda, "is_available", lambda: True)
+        assert T.select_attention("fa4") == "fa4 (ATTENTION=fa4)" and T.ATTN["module"] is stand_in
 
 
 def qkv(heads=4, kv_heads=2, seed=0):
@@ -53,8 +61,8 @@ def test_fa4_op_passes_torch_library_checks(fa4):
     """The fake (meta) registration gives the real op's shapes and dtypes, and the autograd registration is
     consistent with the op, under torch.library's own checks (schema, fake tensors, AOT dispatch)."""
     q, k, v = qkv()
-    torch.library.opcheck(T.fa4_attention, (q, k, v))
-    out, lse = T.fa4_attention(q, k, v)
+    torch.library.opcheck(torch.ops.pgolf.fa4, (q, k, v))
+    out, lse = torch.ops.pgolf.fa4(q, k, v)
     assert out.shape == q.shape and lse.shape == (2, 4, 16) and lse.dtype == torch.float32
 
 
@@ -115,3 +123,20 @@ def test_doc_attention_takes_the_masked_sdpa():
     assert T.select_attention("auto", docs=True) == "sdpa (auto: DOC_ATTENTION=1 needs the masked SDPA)"
     with pytest.raises(T.ConfigError, match="DOC_ATTENTION=1 runs on a masked PyTorch SDPA for now, not ATTENTION=fa4"):
         T.select_attention("fa4", docs=True)
+    with pytest.raises(T.ConfigError, match="SDPA_BACKEND=flash takes no mask"):
+        T.Hyperparameters({"DOC_ATTENTION": "1", "SDPA_BACKEND": "flash"})
+
+
+def test_masked_sdpa_gets_full_heads(monkeypatch):
+    """With a document mask SDPA is given as many k/v heads as q heads: on CUDA no fused kernel takes a mask
+    and GQA together, and the fallback (math) materialises fp32 scores per head."""
+    seen = []
+    real = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, k, v, **kw: seen.append((k.size(1), kw["enable_gqa"], kw["attn_mask"] is None)) or real(q, k, v, **kw))
+    q, k, v = qkv()
+    idx = torch.randint(2, 9, (2, 16))
+    idx[:, [0, 7]] = T.BOS_ID
+    masked, plain = T.attend(q, k, v, T.doc_mask(idx)), T.attend(q, k, v)
+    assert seen == [(4, False, False), (2, True, True)]
+    assert torch.allclose(masked[:, :7], plain[:, :7], atol=1e-6) and not torch.allclose(masked[:, 8:], plain[:, 8:])
