@@ -1358,17 +1358,25 @@ def dequantize(qstate):
     return out
 
 
+def level_codes(q, bits):
+    """Signed levels -> unsigned codes, one byte each (`from_codes` inverts it)."""
+    return (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
+
+
+def from_codes(codes, bits):
+    return codes.astype(np.int16) - qmax(bits) - 1
+
+
 def pack_levels(q, bits):
-    """Signed levels -> `bits`-bit unsigned codes packed densely (int6: 4 values in 3 bytes)."""
-    codes = (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
+    """Signed levels -> `bits`-bit codes packed densely (int6: 4 values in 3 bytes)."""
+    codes = level_codes(q, bits)
     codes = np.pad(codes, (0, -len(codes) % 8))
     return np.packbits(np.unpackbits(codes[:, None], axis=1)[:, 8 - bits:])
 
 
 def unpack_levels(buf, bits, count):
     bitrows = np.unpackbits(buf).reshape(-1, bits)[:count]
-    codes = np.packbits(np.pad(bitrows, ((0, 0), (8 - bits, 0))), axis=1).ravel()
-    return codes.astype(np.int16) - qmax(bits) - 1
+    return from_codes(np.packbits(np.pad(bitrows, ((0, 0), (8 - bits, 0))), axis=1).ravel(), bits)
 
 
 def shuffle_bytes(buf, width):
@@ -1390,7 +1398,7 @@ def level_layout(q, bits):
     """(layout, bytes) of a tensor's levels: one byte per level from BYTES_FROM_BITS, else dense codes,
     byte-shuffled."""
     if bits >= BYTES_FROM_BITS:
-        return "bytes", (q.numpy().astype(np.int16).ravel() + qmax(bits) + 1).astype(np.uint8)
+        return "bytes", level_codes(q, bits)
     return "packed", shuffle_bytes(pack_levels(q, bits), bits)
 
 
@@ -1428,7 +1436,7 @@ def deserialize(blob):
             qstate[name] = torch.from_numpy(unshuffle_bytes(take(2 * count), 2).view(np.float16).reshape(shape).copy())
             continue
         if layout == ["bytes"]:
-            levels = take(nbytes).astype(np.int16) - qmax(bits) - 1
+            levels = from_codes(take(nbytes), bits)
         elif layout == ["packed"]:
             levels = unpack_levels(unshuffle_bytes(take(nbytes), bits), bits, count)
         else:
