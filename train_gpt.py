@@ -15,9 +15,10 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import functools
 import glob
 import hashlib
-import importlib
+import importlib.util
 import itertools
 import json
 import math
@@ -27,6 +28,7 @@ import signal
 import sys
 import threading
 import time
+import typing
 import uuid
 
 import numpy as np
@@ -215,7 +217,8 @@ class Hyperparameters:
         self.ttt_lora_docs = i("TTT_LORA_DOCS", 32, lo=1)  # lora: documents per batch per rank
         # Runtime
         self.stream_dtype = s("STREAM_DTYPE", "bf16", choices=("bf16", "fp32"))  # residual stream on CUDA
-        self.attention = s("ATTENTION", "auto", choices=("auto", "sdpa", "fa4", "fa3"))  # auto: fa3, fa4, else SDPA
+        self.cross_entropy = s("CROSS_ENTROPY", "auto", choices=("auto", "triton", "torch"))  # auto: triton on CUDA
+        self.attention = s("ATTENTION", "auto", choices=("auto", "sdpa", "fa4", "fa3", "flex"))  # auto: fa3, fa4, else SDPA
         self.sdpa_backend = s("SDPA_BACKEND", "auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
@@ -565,23 +568,22 @@ ATTN_PACKAGES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute.interfac
 
 
 def select_attention(name, docs=False):
-    """ATTENTION: FlashAttention-3 or -4 (importable on CUDA) or PyTorch SDPA; auto takes fa3, else fa4, else
-    SDPA, and SDPA (masked) with `docs` (DOC_ATTENTION). Returns the log's words for the choice."""
-    if docs and name in ("fa3", "fa4"):
-        raise ConfigError(f"DOC_ATTENTION=1 runs on a masked PyTorch SDPA for now, not ATTENTION={name}")
-    found = {}
+    """ATTENTION: FlashAttention-3 or -4 (importable on CUDA), FlexAttention (CUDA) or PyTorch SDPA; auto takes
+    fa3, else fa4, else flex on CUDA with `docs` (DOC_ATTENTION), else SDPA. Returns the log's words for the choice."""
+    cuda, found = torch.cuda.is_available(), {}
     for key, module in ATTN_PACKAGES.items():
-        if name in ("auto", key) and not docs and torch.cuda.is_available():
+        if name in ("auto", key) and cuda:
             with contextlib.suppress(ImportError):
                 found[key] = importlib.import_module(module)
-    if name == "auto" and docs:
-        name, why = "sdpa", "auto: DOC_ATTENTION=1 needs the masked SDPA"
-    elif name == "auto":
-        name = next(iter(found), "sdpa")
-        why = "auto: the first of fa3, fa4 importable" if found else "auto: no FlashAttention 3 or 4 importable on CUDA"
-    elif name != "sdpa" and name not in found:
+    if name == "auto":
+        name = next(iter(found), "flex" if docs and cuda else "sdpa")
+        why = ("auto: the first of fa3, fa4 importable" if found else
+               f"auto: no FlashAttention 3 or 4 importable on CUDA{', flex for DOC_ATTENTION=1' if docs and cuda else ''}")
+    elif name in ATTN_PACKAGES and name not in found:
         raise ConfigError(f"ATTENTION={name}: module {ATTN_PACKAGES[name]} is not importable on a CUDA machine "
                           "(README: FlashAttention); or ATTENTION=sdpa")
+    elif name == "flex" and not cuda:
+        raise ConfigError("ATTENTION=flex needs CUDA (FlexAttention has no CPU backward); or ATTENTION=sdpa")
     else:
         why = f"ATTENTION={name}"
     ATTN.update(name=name, module=found.get(name))
@@ -590,24 +592,42 @@ def select_attention(name, docs=False):
 
 if not hasattr(torch.ops.pgolf, "fa4"):  # once per process (scripts/bench.py may load a second copy)
     @torch.library.custom_op("pgolf::fa4", mutates_args=())
-    def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """FlashAttention-4, causal, [B, T, H, D] -> (out, lse [B, H, T] fp32): one opaque op to torch.compile."""
+    def fa4_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu: typing.Optional[torch.Tensor],
+                    max_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """FlashAttention-4, causal, one opaque op to torch.compile: [B, T, H, D] -> (out, lse [B, H, T] fp32),
+        or with cu (varlen sequence starts, int32) [tokens, H, D] -> (out, lse [H, tokens])."""
         fa4 = importlib.import_module(ATTN_PACKAGES["fa4"])
-        out, lse = fa4._flash_attn_fwd(q, k, v, causal=True, return_lse=True)[:2]
-        return out, lse
+        return tuple(fa4._flash_attn_fwd(q, k, v, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len or None,
+                                         max_seqlen_k=max_len or None, causal=True, return_lse=True)[:2])
 
     @torch.library.custom_op("pgolf::fa4_bwd", mutates_args=())
     def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     lse: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        dq, dk, dv = importlib.import_module(ATTN_PACKAGES["fa4"])._flash_attn_bwd(q, k, v, out, dout, lse, causal=True)[:3]
-        return dq, dk, dv
+                     lse: torch.Tensor, cu: typing.Optional[torch.Tensor], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return tuple(importlib.import_module(ATTN_PACKAGES["fa4"])._flash_attn_bwd(
+            q, k, v, out, dout, lse, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len or None,
+            max_seqlen_k=max_len or None)[:3])
 
-    fa4_forward.register_fake(lambda q, k, v: (q.new_empty(q.shape), q.new_empty(q.shape[0], q.shape[2], q.shape[1],
-                                                                                  dtype=torch.float32)))
-    fa4_backward.register_fake(lambda q, k, v, out, dout, lse: tuple(x.new_empty(x.shape) for x in (q, k, v)))
+    fa4_forward.register_fake(lambda q, k, v, cu, max_len: (
+        q.new_empty(q.shape), q.new_empty(q.shape[:-1]).float().transpose(-1, -2).contiguous()))
+    fa4_backward.register_fake(lambda q, k, v, out, dout, lse, cu, max_len: tuple(x.new_empty(x.shape) for x in (q, k, v)))
     fa4_forward.register_autograd(
-        lambda ctx, dout, dlse: fa4_backward(*ctx.saved_tensors[:4], dout.contiguous(), ctx.saved_tensors[4]),
-        setup_context=lambda ctx, inputs, output: ctx.save_for_backward(*inputs, *output))
+        lambda ctx, dout, dlse: (*fa4_backward(*ctx.saved_tensors[:4], dout.contiguous(), ctx.saved_tensors[4],
+                                               ctx.cu, ctx.max_len), None, None),
+        setup_context=lambda ctx, inputs, output: (ctx.save_for_backward(*inputs[:3], *output),
+                                                   setattr(ctx, "cu", inputs[3]), setattr(ctx, "max_len", inputs[4])))
+
+
+CE = {"name": "torch"}  # the cross-entropy in use, set by select_cross_entropy
+
+
+def select_cross_entropy(name):
+    """CROSS_ENTROPY: the Triton kernels (CUDA, triton importable) or torch; auto takes triton where it can.
+    Returns the log's words for the choice."""
+    usable = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+    if name == "triton" and not usable:
+        raise ConfigError("CROSS_ENTROPY=triton needs CUDA and the triton package; or CROSS_ENTROPY=torch")
+    CE["name"] = ("triton" if usable else "torch") if name == "auto" else name
+    return CE["name"] + (f" (auto: {'CUDA and triton' if usable else 'no CUDA with triton'})" if name == "auto" else "")
 
 
 def select_sdpa_backend(name):
@@ -617,25 +637,137 @@ def select_sdpa_backend(name):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
 
 
-def doc_mask(idx):
-    """[B, 1, T, T]: position t may attend to s <= t of its own document (ids: a running count of BOS, made
-    on the device). Built once per forward, shared by every attention call."""
-    docs = (idx == BOS_ID).cumsum(1)
-    return (docs[:, None, :, None] == docs[:, None, None, :]).tril()
+# FlashAttention varlen: room for a document start every 256 tokens beyond each row's (FineWeb documents are
+# ~4x longer). Every padded sequence costs: one per 16 tokens made FA4 twice as slow; the exact count needs a
+# host sync. A batch with more starts runs its last documents as one causal sequence.
+VARLEN_DOC_TOKENS = 256
 
 
-def attend(q, k, v, docs=None):
-    """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads); `docs`: a `doc_mask`."""
-    if ATTN["name"] == "fa4":
-        return torch.ops.pgolf.fa4(q, k, v)[0]
-    if ATTN["name"] == "fa3":
+def attention_layout(idx, docs):
+    """What `attend` needs beyond q, k, v, built once per forward on the device (no host sync): with `docs`
+    (DOC_ATTENTION), a boolean mask [B, 1, T, T] for SDPA, or for FlashAttention the sequence starts of the
+    flattened batch (every BOS and row start), int32, padded to a fixed count with empty sequences (the
+    compiled graph keeps one shape); for flex a block mask, causal and, with `docs`, within documents."""
+    B, T = idx.shape
+    ids = (idx == BOS_ID).cumsum(1)
+    if ATTN["name"] == "flex":
+        from torch.nn.attention.flex_attention import create_block_mask
+        keep = lambda b, h, q, kv: (q >= kv) & (ids[b, q] == ids[b, kv]) if docs else q >= kv
+        return create_block_mask(keep, B if docs else None, None, T, T, device=idx.device)
+    if not docs:
+        return None
+    if ATTN["name"] in ATTN_PACKAGES:
+        starts = (idx == BOS_ID) | (torch.arange(T, device=idx.device) == 0)
+        cu = torch.nonzero_static(starts.flatten(), size=B + B * T // VARLEN_DOC_TOKENS, fill_value=B * T).flatten()
+        return torch.cat([cu, cu.new_full((1,), B * T)]).int()
+    return (ids[:, None, :, None] == ids[:, None, None, :]).tril()
+
+
+def attend(q, k, v, layout=None):
+    """Causal attention over [B, T, H, D] tensors (GQA: k, v may have fewer heads); `layout`: an
+    `attention_layout` (document boundaries, or flex's block mask)."""
+    name, (B, T) = ATTN["name"], q.shape[:2]
+    if name == "fa4" and layout is not None:  # max length: all tokens, for an overflowing last sequence
+        return torch.ops.pgolf.fa4(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), layout, B * T)[0].view_as(q)
+    if name == "fa4":
+        return torch.ops.pgolf.fa4(q, k, v, None, 0)[0]
+    if name == "fa3" and layout is not None:
+        y = ATTN["module"].flash_attn_varlen_func(q.flatten(0, 1), k.flatten(0, 1), v.flatten(0, 1), layout, layout,
+                                                  B * T, B * T, causal=True)
+        return (y[0] if isinstance(y, tuple) else y).view_as(q)
+    if name == "fa3":
         y = ATTN["module"].flash_attn_func(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
-    if docs is not None and k.size(2) != q.size(2):  # the kernels that take a mask take no GQA (else: math, O(T^2))
-        k, v = (x.repeat_interleave(q.size(2) // x.size(2), 2) for x in (k, v))
-    y = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=docs,
-                                       is_causal=docs is None, enable_gqa=k.size(2) != q.size(2))
+    q, k, v = (x.transpose(1, 2) for x in (q, k, v))
+    if name == "flex":
+        from torch.nn.attention.flex_attention import flex_attention
+        return flex_attention(q, k, v, block_mask=layout, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
+    if layout is not None and k.size(1) != q.size(1):  # the kernels that take a mask take no GQA (else: math, O(T^2))
+        k, v = (x.repeat_interleave(q.size(1) // x.size(1), 1) for x in (k, v))
+    y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, is_causal=layout is None, enable_gqa=k.size(1) != q.size(1))
     return y.transpose(1, 2)
+
+
+@functools.cache
+def ce_kernels():
+    """Triton kernels of the softcapped cross-entropy, built at first use (CROSS_ENTROPY=triton): one program
+    per row streams the row's logits in blocks, forward (online log-sum-exp) and backward (the gradient
+    written once, in the logits' dtype); no fp32 copy of the logits is made."""
+    import triton
+    import triton.language as tl
+
+    # (no helper @jit functions: the kernels live in a closure, where Triton does not look names up)
+    @triton.jit
+    def forward(x_ptr, t_ptr, loss_ptr, lse_ptr, V, cap, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        m, s = float("-inf"), 0.0
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(x_ptr + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+            if HAS_CAP:  # cap * tanh(z / cap), tanh(u) = 1 - 2 / (exp(2u) + 1)
+                z = cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
+            z = tl.where(cols < V, z, float("-inf"))
+            m_new = tl.maximum(m, tl.max(z, 0))
+            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
+            m = m_new
+        lse = m + tl.log(s)
+        z_t = tl.load(x_ptr + row * V + tl.load(t_ptr + row)).to(tl.float32)
+        if HAS_CAP:
+            z_t = cap * (1.0 - 2.0 / (tl.exp(2.0 * z_t / cap) + 1.0))
+        tl.store(loss_ptr + row, lse - z_t)
+        tl.store(lse_ptr + row, lse)
+
+    @triton.jit
+    def backward(x_ptr, t_ptr, lse_ptr, dloss_ptr, dx_ptr, V, cap, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
+        row = tl.program_id(0).to(tl.int64)
+        lse, t, dloss = tl.load(lse_ptr + row), tl.load(t_ptr + row), tl.load(dloss_ptr + row)
+        for start in range(0, V, BLOCK):
+            cols = start + tl.arange(0, BLOCK)
+            z = tl.load(x_ptr + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
+            if HAS_CAP:
+                z = cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
+            dz = dloss * (tl.exp(z - lse) - tl.where(cols == t, 1.0, 0.0))
+            if HAS_CAP:
+                dz = dz * (1.0 - (z / cap) * (z / cap))
+            tl.store(dx_ptr + row * V + cols, dz.to(dx_ptr.dtype.element_ty), mask=cols < V)
+
+    return forward, backward
+
+
+CE_BLOCK = 2048  # vocabulary entries per block of a row (bounded registers at any vocabulary size)
+
+if not hasattr(torch.ops.pgolf, "softcap_ce"):
+    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
+    def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-row NLL of cap * tanh(logits / cap) (cap 0: no softcap) and its log-sum-exp, [N] fp32 each."""
+        loss, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
+        ce_kernels()[0][(logits.size(0),)](logits, targets, loss, lse, logits.size(1), cap, cap > 0, CE_BLOCK)
+        return loss, lse
+
+    @torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
+    def softcap_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor,
+                            cap: float) -> torch.Tensor:
+        dx = torch.empty_like(logits)
+        ce_kernels()[1][(logits.size(0),)](logits, targets, lse, dloss, dx, logits.size(1), cap, cap > 0, CE_BLOCK)
+        return dx
+
+    softcap_ce.register_fake(lambda logits, targets, cap: tuple(
+        logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2)))
+    softcap_ce_backward.register_fake(lambda logits, targets, lse, dloss, cap: torch.empty_like(logits))
+    softcap_ce.register_autograd(
+        lambda ctx, dloss, dlse: (softcap_ce_backward(*ctx.saved_tensors, dloss.contiguous(), ctx.cap), None, None),
+        setup_context=lambda ctx, inputs, output: (ctx.save_for_backward(inputs[0], inputs[1], output[1]),
+                                                   setattr(ctx, "cap", inputs[2])))
+
+
+def softcapped_nll(logits, targets, cap, fused):
+    """Per-token NLL [N] of softcapped logits [N, V]: the Triton kernels (`fused`) or torch (logits in fp32)."""
+    if fused:
+        return torch.ops.pgolf.softcap_ce(logits.contiguous(), targets.contiguous(), float(cap))[0]
+    logits = logits.float()
+    if cap:
+        logits = cap * torch.tanh(logits / cap)
+    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def rms_norm(x):
@@ -708,14 +840,14 @@ class Attention(nn.Module):
         self.proj = CastedLinear(dim, dim, zero_init=True)
         self.gate = nn.Parameter(torch.zeros(heads, min(gate_width, dim))) if gate else None
 
-    def forward(self, x, cos, sin, q_gain, docs):
+    def forward(self, x, cos, sin, q_gain, layout):
         B, T, _ = x.shape
         v = self.c_v(x).view(B, T, self.kv_heads, self.head_dim)
         q = rms_norm(self.c_q(x).view(B, T, self.heads, self.head_dim))
         k = rms_norm(self.c_k(x).view(B, T, self.kv_heads, self.head_dim))
         q = apply_rotary(q, cos, sin) * q_gain[:, None].to(q.dtype)
         k = apply_rotary(k, cos, sin)
-        y = attend(q.to(v.dtype), k.to(v.dtype), v, docs)
+        y = attend(q.to(v.dtype), k.to(v.dtype), v, layout)
         if self.xsa:
             y = exclusive(y, v)
         if self.gate is not None:
@@ -736,7 +868,7 @@ class MLP(nn.Module):
         return self.proj(F.leaky_relu(self.fc(x), self.slope).square())
 
 
-Control = collections.namedtuple("Control", "mix attn_scale mlp_scale q_gain ln cos sin lane_resid lane_post docs")
+Control = collections.namedtuple("Control", "mix attn_scale mlp_scale q_gain ln cos sin lane_resid lane_post layout")
 
 
 class Block(nn.Module):
@@ -755,7 +887,7 @@ class Block(nn.Module):
         return x + c.mlp_scale.to(x.dtype) * self.mlp(rms_norm(x) * c.ln)
 
     def _attn(self, x, c):
-        return c.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * c.ln, c.cos, c.sin, c.q_gain, c.docs)
+        return c.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * c.ln, c.cos, c.sin, c.q_gain, c.layout)
 
     def parallel(self, lanes, x0, c):
         """Two lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both read before either
@@ -889,13 +1021,13 @@ class GPT(nn.Module):
                 if isinstance(m, CastedLinear):
                     m.qat_bits = bits
 
-    def control(self, p, dtype, docs):
-        """Application p's control vectors (`docs`: the DOC_ATTENTION mask, else None), and the vector it adds
+    def control(self, p, dtype, layout):
+        """Application p's control vectors (`layout`: the forward's `attention_layout`), and the vector it adds
         to the stream on entry."""
         r, t = self.row[p], self.rope_index[p]
         lane = [None if m is None else m[r] for m in (self.lane_resid, self.lane_post)]
         c = Control(self.resid_mix[r], self.attn_scale[r], self.mlp_scale[r], self.q_gain[r], self.ln[p],
-                    self.rope_cos[t], self.rope_sin[t], *lane, docs)
+                    self.rope_cos[t], self.rope_sin[t], *lane, layout)
         return c, 0 if self.app_emb is None else self.app_emb[r].to(dtype)
 
     CONTROL_NAMES = ("app_emb", "resid_mix", "attn_scale", "mlp_scale", "q_gain", "lane_resid", "lane_post")
@@ -935,7 +1067,7 @@ class GPT(nn.Module):
         if idx.is_cuda:  # the residual stream's dtype (CPU runs stay fp32)
             x = x.to(self.stream_dtype)
         x0, skips, lanes = x, [], None
-        r, docs = self.routes[self.looping], doc_mask(idx) if self.doc_attention else None
+        r, layout = self.routes[self.looping], attention_layout(idx, self.doc_attention)
         for i, p in enumerate(r.positions):
             if i == r.lanes_from:
                 lanes = [x, x]
@@ -943,7 +1075,7 @@ class GPT(nn.Module):
                 lanes[0] = self.skip(lanes[0], skips.pop(), r.receive[i])
             elif r.receive[i] >= 0:
                 x = self.skip(x, skips.pop(), r.receive[i])
-            c, emb, j = *self.control(p, x.dtype, docs), self.schedule[p][0]
+            c, emb, j = *self.control(p, x.dtype, layout), self.schedule[p][0]
             if lanes:
                 lanes = self.blocks[j].parallel([t + emb for t in lanes], x0, c)
             else:
@@ -953,12 +1085,11 @@ class GPT(nn.Module):
         if lanes:
             x = 0.5 * (lanes[0] + lanes[1])
         x = self.head_input(rms_norm(x))
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
         if self.head_lora is not None:
-            logits = logits + lora_delta(x, self.head_lora)
-        if self.softcap:
-            logits = self.softcap * torch.tanh(logits / self.softcap)
-        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
+            logits = logits.float() + lora_delta(x, self.head_lora)
+        fused = CE["name"] == "triton" and self.head_lora is None
+        return softcapped_nll(logits.flatten(0, 1), targets.flatten(), self.softcap, fused).view_as(targets)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -1946,7 +2077,8 @@ def prepare(h, run):
     code = open(__file__, "rb").read()
     gpu = torch.cuda.get_device_name(run.device) if run.is_cuda else "cpu"
     attention = select_attention(h.attention, h.doc_attention)
-    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {attention}")
+    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {attention} | "
+            f"cross-entropy: {select_cross_entropy(h.cross_entropy)}")
     if h.unknown_env:
         run.log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
     torch.manual_seed(h.seed)
@@ -1973,7 +2105,7 @@ def prepare(h, run):
                 "configuration is meant for GPUs (SMOKE=1 bash run.sh is a CPU-sized run)")
     compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
     result = dict(model_params=n_params, world_size=run.world, gpu=gpu, torch_version=torch.__version__, seed=h.seed,
-                  attention=ATTN["name"], code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
+                  attention=ATTN["name"], cross_entropy=CE["name"], code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
                   quant_method=h.quant_method)
     return val, model, compiled, result
 

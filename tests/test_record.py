@@ -248,7 +248,7 @@ def test_two_ranks_train_the_record_stack_identically(corpus, tmp_path):
     assert final["rank_weights_identical"] is True and final["steps"] == 6
     assert "step 3: the crawler runs every loop" in log
     assert "quant fit: probe 2: SDClip widths x 0.5000" in log and final["quant_fit_scale"] == 0.5
-    assert "DOC_ATTENTION=1 needs the masked SDPA" in log and final["config"]["doc_attention"] is True
+    assert "attention: sdpa (auto" in log and final["config"]["doc_attention"] is True  # the masked SDPA on CPUs
 
 
 def test_layouts_without_skips_and_old_configs():
