@@ -15,10 +15,9 @@ import contextlib
 import copy
 import dataclasses
 import datetime
-import functools
 import glob
 import hashlib
-import importlib.util
+import importlib
 import itertools
 import json
 import math
@@ -217,8 +216,7 @@ class Hyperparameters:
         self.ttt_lora_docs = i("TTT_LORA_DOCS", 32, lo=1)  # lora: documents per batch per rank
         # Runtime
         self.stream_dtype = s("STREAM_DTYPE", "bf16", choices=("bf16", "fp32"))  # residual stream on CUDA
-        self.cross_entropy = s("CROSS_ENTROPY", "auto", choices=("auto", "triton", "torch"))  # auto: triton on CUDA
-        self.attention = s("ATTENTION", "auto", choices=("auto", "sdpa", "fa4", "fa3", "flex"))  # auto: fa3, fa4, else SDPA
+        self.attention = s("ATTENTION", "auto", choices=("auto", "sdpa", "fa4", "fa3", "flex"))  # auto: fa3, fa4, flex (docs), SDPA
         self.sdpa_backend = s("SDPA_BACKEND", "auto", choices=("auto", "flash", "cudnn", "efficient", "math"))
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
@@ -602,7 +600,8 @@ if not hasattr(torch.ops.pgolf, "fa4"):  # once per process (scripts/bench.py ma
 
     @torch.library.custom_op("pgolf::fa4_bwd", mutates_args=())
     def fa4_backward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, dout: torch.Tensor,
-                     lse: torch.Tensor, cu: typing.Optional[torch.Tensor], max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                     lse: torch.Tensor, cu: typing.Optional[torch.Tensor],
+                     max_len: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         return tuple(importlib.import_module(ATTN_PACKAGES["fa4"])._flash_attn_bwd(
             q, k, v, out, dout, lse, causal=True, cu_seqlens_q=cu, cu_seqlens_k=cu, max_seqlen_q=max_len or None,
             max_seqlen_k=max_len or None)[:3])
@@ -615,19 +614,6 @@ if not hasattr(torch.ops.pgolf, "fa4"):  # once per process (scripts/bench.py ma
                                                ctx.cu, ctx.max_len), None, None),
         setup_context=lambda ctx, inputs, output: (ctx.save_for_backward(*inputs[:3], *output),
                                                    setattr(ctx, "cu", inputs[3]), setattr(ctx, "max_len", inputs[4])))
-
-
-CE = {"name": "torch"}  # the cross-entropy in use, set by select_cross_entropy
-
-
-def select_cross_entropy(name):
-    """CROSS_ENTROPY: the Triton kernels (CUDA, triton importable) or torch; auto takes triton where it can.
-    Returns the log's words for the choice."""
-    usable = torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-    if name == "triton" and not usable:
-        raise ConfigError("CROSS_ENTROPY=triton needs CUDA and the triton package; or CROSS_ENTROPY=torch")
-    CE["name"] = ("triton" if usable else "torch") if name == "auto" else name
-    return CE["name"] + (f" (auto: {'CUDA and triton' if usable else 'no CUDA with triton'})" if name == "auto" else "")
 
 
 def select_sdpa_backend(name):
@@ -686,88 +672,6 @@ def attend(q, k, v, layout=None):
         k, v = (x.repeat_interleave(q.size(1) // x.size(1), 1) for x in (k, v))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, is_causal=layout is None, enable_gqa=k.size(1) != q.size(1))
     return y.transpose(1, 2)
-
-
-@functools.cache
-def ce_kernels():
-    """Triton kernels of the softcapped cross-entropy, built at first use (CROSS_ENTROPY=triton): one program
-    per row streams the row's logits in blocks, forward (online log-sum-exp) and backward (the gradient
-    written once, in the logits' dtype); no fp32 copy of the logits is made."""
-    import triton
-    import triton.language as tl
-
-    # (no helper @jit functions: the kernels live in a closure, where Triton does not look names up)
-    @triton.jit
-    def forward(x_ptr, t_ptr, loss_ptr, lse_ptr, V, cap, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        m, s = float("-inf"), 0.0
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(x_ptr + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
-            if HAS_CAP:  # cap * tanh(z / cap), tanh(u) = 1 - 2 / (exp(2u) + 1)
-                z = cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
-            z = tl.where(cols < V, z, float("-inf"))
-            m_new = tl.maximum(m, tl.max(z, 0))
-            s = s * tl.exp(m - m_new) + tl.sum(tl.exp(z - m_new), 0)
-            m = m_new
-        lse = m + tl.log(s)
-        z_t = tl.load(x_ptr + row * V + tl.load(t_ptr + row)).to(tl.float32)
-        if HAS_CAP:
-            z_t = cap * (1.0 - 2.0 / (tl.exp(2.0 * z_t / cap) + 1.0))
-        tl.store(loss_ptr + row, lse - z_t)
-        tl.store(lse_ptr + row, lse)
-
-    @triton.jit
-    def backward(x_ptr, t_ptr, lse_ptr, dloss_ptr, dx_ptr, V, cap, HAS_CAP: tl.constexpr, BLOCK: tl.constexpr):
-        row = tl.program_id(0).to(tl.int64)
-        lse, t, dloss = tl.load(lse_ptr + row), tl.load(t_ptr + row), tl.load(dloss_ptr + row)
-        for start in range(0, V, BLOCK):
-            cols = start + tl.arange(0, BLOCK)
-            z = tl.load(x_ptr + row * V + cols, mask=cols < V, other=0.0).to(tl.float32)
-            if HAS_CAP:
-                z = cap * (1.0 - 2.0 / (tl.exp(2.0 * z / cap) + 1.0))
-            dz = dloss * (tl.exp(z - lse) - tl.where(cols == t, 1.0, 0.0))
-            if HAS_CAP:
-                dz = dz * (1.0 - (z / cap) * (z / cap))
-            tl.store(dx_ptr + row * V + cols, dz.to(dx_ptr.dtype.element_ty), mask=cols < V)
-
-    return forward, backward
-
-
-CE_BLOCK = 2048  # vocabulary entries per block of a row (bounded registers at any vocabulary size)
-
-if not hasattr(torch.ops.pgolf, "softcap_ce"):
-    @torch.library.custom_op("pgolf::softcap_ce", mutates_args=())
-    def softcap_ce(logits: torch.Tensor, targets: torch.Tensor, cap: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-row NLL of cap * tanh(logits / cap) (cap 0: no softcap) and its log-sum-exp, [N] fp32 each."""
-        loss, lse = (logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2))
-        ce_kernels()[0][(logits.size(0),)](logits, targets, loss, lse, logits.size(1), cap, cap > 0, CE_BLOCK)
-        return loss, lse
-
-    @torch.library.custom_op("pgolf::softcap_ce_bwd", mutates_args=())
-    def softcap_ce_backward(logits: torch.Tensor, targets: torch.Tensor, lse: torch.Tensor, dloss: torch.Tensor,
-                            cap: float) -> torch.Tensor:
-        dx = torch.empty_like(logits)
-        ce_kernels()[1][(logits.size(0),)](logits, targets, lse, dloss, dx, logits.size(1), cap, cap > 0, CE_BLOCK)
-        return dx
-
-    softcap_ce.register_fake(lambda logits, targets, cap: tuple(
-        logits.new_empty(logits.size(0), dtype=torch.float32) for _ in range(2)))
-    softcap_ce_backward.register_fake(lambda logits, targets, lse, dloss, cap: torch.empty_like(logits))
-    softcap_ce.register_autograd(
-        lambda ctx, dloss, dlse: (softcap_ce_backward(*ctx.saved_tensors, dloss.contiguous(), ctx.cap), None, None),
-        setup_context=lambda ctx, inputs, output: (ctx.save_for_backward(inputs[0], inputs[1], output[1]),
-                                                   setattr(ctx, "cap", inputs[2])))
-
-
-def softcapped_nll(logits, targets, cap, fused):
-    """Per-token NLL [N] of softcapped logits [N, V]: the Triton kernels (`fused`) or torch (logits in fp32)."""
-    if fused:
-        return torch.ops.pgolf.softcap_ce(logits.contiguous(), targets.contiguous(), float(cap))[0]
-    logits = logits.float()
-    if cap:
-        logits = cap * torch.tanh(logits / cap)
-    return F.cross_entropy(logits, targets, reduction="none")
 
 
 def rms_norm(x):
@@ -1085,11 +989,12 @@ class GPT(nn.Module):
         if lanes:
             x = 0.5 * (lanes[0] + lanes[1])
         x = self.head_input(rms_norm(x))
-        logits = F.linear(x, self.tok_emb.weight.to(x.dtype))
+        logits = F.linear(x, self.tok_emb.weight.to(x.dtype)).float()
         if self.head_lora is not None:
-            logits = logits.float() + lora_delta(x, self.head_lora)
-        fused = CE["name"] == "triton" and self.head_lora is None
-        return softcapped_nll(logits.flatten(0, 1), targets.flatten(), self.softcap, fused).view_as(targets)
+            logits = logits + lora_delta(x, self.head_lora)
+        if self.softcap:
+            logits = self.softcap * torch.tanh(logits / self.softcap)
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten(), reduction="none").view_as(targets)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2077,8 +1982,7 @@ def prepare(h, run):
     code = open(__file__, "rb").read()
     gpu = torch.cuda.get_device_name(run.device) if run.is_cuda else "cpu"
     attention = select_attention(h.attention, h.doc_attention)
-    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {attention} | "
-            f"cross-entropy: {select_cross_entropy(h.cross_entropy)}")
+    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {attention}")
     if h.unknown_env:
         run.log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
     torch.manual_seed(h.seed)
@@ -2105,7 +2009,7 @@ def prepare(h, run):
                 "configuration is meant for GPUs (SMOKE=1 bash run.sh is a CPU-sized run)")
     compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
     result = dict(model_params=n_params, world_size=run.world, gpu=gpu, torch_version=torch.__version__, seed=h.seed,
-                  attention=ATTN["name"], cross_entropy=CE["name"], code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
+                  attention=ATTN["name"], code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
                   quant_method=h.quant_method)
     return val, model, compiled, result
 

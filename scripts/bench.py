@@ -120,7 +120,6 @@ def bench_one(env, args):
     torch._dynamo.config.cache_size_limit = 64
     T.select_sdpa_backend(h.sdpa_backend)
     T.select_attention(h.attention, h.doc_attention)
-    T.select_cross_entropy(h.cross_entropy)
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     micro_seqs, accum = T.batch_layout(h, 1)
     run = T.Run(device=device, autocast=autocast)
@@ -155,7 +154,7 @@ def bench_one(env, args):
     tokens_s = h.train_batch_tokens / step_ms * 1000
     tflops = flops_per_token(h) * 3 * tokens_s / 1e12
     out = dict(config=args.one, script=os.path.relpath(args.script, REPO), inductor=args.inductor,
-               compile_mode=args.compile_mode or "default", params=sum(p.numel() for p in model.parameters()), attention=T.ATTN["name"], cross_entropy=T.CE["name"], doc_attention=h.doc_attention,
+               compile_mode=args.compile_mode or "default", params=sum(p.numel() for p in model.parameters()), attention=T.ATTN["name"], doc_attention=h.doc_attention,
                sdpa_backend=h.sdpa_backend, stream_dtype=h.stream_dtype, gpu=torch.cuda.get_device_name(device),
                torch=torch.__version__, ms_per_step=round(step_ms, 2), ms_per_microbatch=round(step_ms / accum, 2),
                tokens_per_s_per_gpu=round(tokens_s), model_tflops=round(tflops, 1),

@@ -18,9 +18,6 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # one thread: intra-op threads sp
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-if not torch.cuda.is_available():  # Triton kernels (where triton is installed) run in its CPU interpreter; read
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # when triton is first imported
-
 torch.set_num_threads(1)
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
