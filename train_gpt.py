@@ -203,7 +203,7 @@ class Hyperparameters:
         self.eval_batch_seqs = i("EVAL_BATCH_SEQS", 32, lo=1)  # windows per forward per rank
         self.eval_doc_isolation = b("EVAL_DOC_ISOLATION", False)  # no context across a BOS
         self.max_eval_seconds = f("MAX_EVAL_SECONDS", 600.0, lo=0)  # warn when the final eval is projected past it
-        self.ttt = s("TTT", "off", choices=("off", "sgd", "lora"))
+        self.ttt = s("TTT", "off", choices=("off", "sgd", "lora", "phased"))
         self.ttt_chunk_tokens = i("TTT_CHUNK_TOKENS", 32768, lo=1)  # sgd: score this many, then train on them
         self.ttt_lr = f("TTT_LR", 0.005, lo=0)  # sgd: peak LR, cosine over chunks
         self.ttt_epochs = i("TTT_EPOCHS", 3, lo=1)
@@ -213,7 +213,12 @@ class Hyperparameters:
         self.ttt_lora_rank = i("TTT_LORA_RANK", 8, lo=1)
         self.ttt_lora_lr = f("TTT_LORA_LR", 0.001, lo=0)  # Adam
         self.ttt_lora_chunk = i("TTT_LORA_CHUNK", 256, lo=1)  # lora: tokens scored per step within a document
-        self.ttt_lora_docs = i("TTT_LORA_DOCS", 32, lo=1)  # lora: documents per batch per rank
+        self.ttt_lora_docs = i("TTT_LORA_DOCS", 64, lo=1)  # lora: documents per batch, all ranks together
+        self.ttt_lora_wd = f("TTT_LORA_WD", 0.0, lo=0)  # lora: AdamW weight decay of the adapters
+        self.ttt_lora_beta1 = f("TTT_LORA_BETA1", 0.9, lo=0, hi=1)
+        self.ttt_phases = i("TTT_PHASES", 3, lo=0)  # phased: global SGD phases over the documents scored so far
+        self.ttt_phase_docs = i("TTT_PHASE_DOCS", 2000, lo=1)  # phased: documents scored when the last phase runs
+        self.ttt_phase_lr = f("TTT_PHASE_LR", 0.001, lo=0)  # phased: SGD LR of the first phase, cosine over phases
         # Runtime
         self.stream_dtype = s("STREAM_DTYPE", "bf16", choices=("bf16", "fp32"))  # residual stream on CUDA
         self.attention = s("ATTENTION", "auto", choices=("auto", "sdpa", "fa4", "fa3", "flex"))  # auto: fa3, fa4, flex (docs), SDPA
@@ -279,7 +284,7 @@ class Hyperparameters:
                 raise ConfigError(f"{name.upper()}={path}: no such file")
         if self.ttt == "sgd" and self.ttt_chunk_tokens % self.train_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        if self.ttt == "lora" and self.ttt_lora_chunk > self.eval_seq_len:
+        if self.ttt in ("lora", "phased") and self.ttt_lora_chunk > self.eval_seq_len:
             raise ConfigError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk}: must be at most EVAL_SEQ_LEN={self.eval_seq_len} "
                               "(a window scores at most that many targets)")
         if self.eval_stride > self.eval_seq_len:
@@ -1671,99 +1676,158 @@ def evaluate(model, tokens, luts, h, run, stride=None, label="eval"):
     return as_metrics(score_across_ranks(model, tokens, wins, luts, h, run, label), tokens)
 
 
+def sgd_epochs(runner, params, opt, seqs, lr, epochs, h, run):
+    """`epochs` passes of SGD over token rows `seqs` [n, L + 1], TTT_BATCH_SEQS rows per step shared out
+    over the ranks (gradients all-reduced, so every rank takes the same step); `lr`: one LR, or one per step."""
+    L, steps = seqs.size(1) - 1, range(0, len(seqs), h.ttt_batch_seqs)
+    lrs = lr if isinstance(lr, list) else [lr] * (epochs * len(steps))
+    for j, i in enumerate(i for _ in range(epochs) for i in steps):
+        for g in opt.param_groups:
+            g["lr"] = lrs[j]
+        rows = seqs[i:i + h.ttt_batch_seqs][run.rank::run.world]
+        if len(rows):
+            with run.autocast:
+                loss = runner(rows[:, :-1], rows[:, 1:]).sum() / (min(h.ttt_batch_seqs, len(seqs) - i) * L)
+            loss.backward()
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+            run.all_reduce(p.grad)
+        nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=False)
+
+
+def rows_of(tokens, a, b, L, device):
+    """The targets [a, b) as contiguous rows of L + 1 tokens (a tail shorter than L is left out)."""
+    span = torch.from_numpy(tokens[a:b + 1].astype(np.int64)).to(device)
+    return span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L).contiguous()  # as compiled: contiguous
+
+
+def compile_sgd(model, runner, opt, h, run):
+    """Compiles the SGD training graph on random tokens, then undoes the step."""
+    if h.compile and h.warmup_steps:
+        with rolled_back(model, [opt]):
+            seqs = torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, h.train_seq_len + 1), device=run.device)
+            sgd_epochs(runner, list(model.parameters()), opt, seqs, 0.0, 1, h, run)
+
+
 def ttt_sgd(model, runner, tokens, luts, h, run):
     """Score-first TTT of the whole model: chunk c is scored (those scores count), then TTT_EPOCHS SGD
     passes over its tokens, before chunk c+1. Returns (metrics, {first target position: sums})."""
-    L, params = h.train_seq_len, list(model.parameters())
+    params = list(model.parameters())
     opt = torch.optim.SGD(params, lr=h.ttt_lr, momentum=h.ttt_momentum)
     plan = window_plan(tokens, h.eval_seq_len, h.eval_stride, h.eval_doc_isolation, h.ttt_chunk_tokens)
-
-    def adapt(seqs, lr):
-        for g in opt.param_groups:
-            g["lr"] = lr
-        for _ in range(h.ttt_epochs):
-            for i in range(0, len(seqs), h.ttt_batch_seqs):
-                rows = seqs[i:i + h.ttt_batch_seqs][run.rank::run.world]
-                if len(rows):
-                    with run.autocast:
-                        loss = runner(rows[:, :-1], rows[:, 1:]).sum() / (min(h.ttt_batch_seqs, len(seqs) - i) * L)
-                    loss.backward()
-                for p in params:
-                    if p.grad is None:
-                        p.grad = torch.zeros_like(p)
-                    run.all_reduce(p.grad)
-                nn.utils.clip_grad_norm_(params, h.ttt_grad_clip)
-                opt.step()
-                opt.zero_grad(set_to_none=False)
-
     t_warm = time.perf_counter()
-    if h.compile and h.warmup_steps:  # compile the training graph on random tokens, then undo it
-        with rolled_back(model, [opt]):
-            adapt(torch.randint(0, h.vocab_size, (h.ttt_batch_seqs, L + 1), device=run.device), 0.0)
+    compile_sgd(model, runner, opt, h, run)
     chunk_sums, t0, done = {}, time.perf_counter(), 0
     progress = Progress(run.log, "ttt", len(tokens) - 1, "tokens")
     for c, (c0, c1, wins) in enumerate(plan):
         chunk_sums[c0] = score_across_ranks(runner, tokens, wins, luts, h, run)
         if c + 1 < len(plan):  # the last chunk has nothing left to help
-            span = torch.from_numpy(tokens[c0:c1 + 1].astype(np.int64)).to(run.device)
-            seqs = span[:(len(span) - 1) // L * L + 1].unfold(0, L + 1, L).contiguous()  # as compiled: contiguous
-            adapt(seqs, h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(plan) - 1, 1))))
+            lr = h.ttt_lr * 0.5 * (1 + math.cos(math.pi * c / max(len(plan) - 1, 1)))
+            sgd_epochs(runner, params, opt, rows_of(tokens, c0, c1, h.train_seq_len, run.device), lr, h.ttt_epochs, h, run)
         done = project_eval_time(run.log, t0, done, c1 - c0, plan[-1][1], h, spent=t0 - t_warm)
         progress(done)
     return as_metrics(sum(chunk_sums.values()), tokens), chunk_sums
 
 
-def ttt_lora(model, tokens, luts, h, run):
-    """Score-first per-document LoRA TTT: fresh rank-TTT_LORA_RANK adapters (attention, head) per document;
-    its TTT_LORA_CHUNK-token chunks are scored in order, each after training on the earlier ones only.
-    Batched, one adapter set per row, base frozen. Returns (metrics, {first target position: sums})."""
-    n, L, C, r = len(tokens) - 1, h.eval_seq_len, h.ttt_lora_chunk, h.ttt_lora_rank
+def ttt_lora(model, runner, tokens, luts, h, run):
+    """Score-first per-document LoRA TTT. Documents, sorted by length, go in batches of TTT_LORA_DOCS (all
+    ranks together, each rank a share); each row gets rank-TTT_LORA_RANK adapters (B zero, so a document's
+    first chunk is scored by the model as it stands), and its TTT_LORA_CHUNK-token chunks are scored in
+    order, each after AdamW steps on the earlier ones only; base frozen. `lora`: adapters on attention and
+    the head, A from one fixed draw. `phased`: on attention, MLP and the head, A warm-started from the mean of
+    the previous batch's trained A (all ranks), and after the batches that pass TTT_PHASE_DOCS x p /
+    TTT_PHASES documents, all ranks run one SGD epoch of the whole model over every document scored so far.
+    Returns (metrics, {first target position: sums})."""
+    n, L, C, r, phased = len(tokens) - 1, h.eval_seq_len, h.ttt_lora_chunk, h.ttt_lora_rank, h.ttt == "phased"
     starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
-    docs = [(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a]
-    docs = sorted(docs, key=lambda d: d[1] - d[0])[run.rank::run.world]  # similar lengths batch well
-    lin = [m for name, m in model.named_modules() if isinstance(m, CastedLinear) and ".attn." in name]
-    gen = torch.Generator().manual_seed(h.seed)  # every document starts from the same adapters
+    docs = sorted([(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a], key=lambda d: (d[1] - d[0], d[0]))
+    batches = [docs[i:i + h.ttt_lora_docs] for i in range(0, len(docs), h.ttt_lora_docs)]
+    phase_after = {math.ceil(h.ttt_phase_docs * (p + 1) / h.ttt_phases / h.ttt_lora_docs) - 1: p
+                   for p in range(h.ttt_phases if phased else 0)}
+    phase_after = {j: p for j, p in phase_after.items() if j < len(batches) - 1}  # a later batch must gain
+    lin = [m for name, m in model.named_modules()
+           if isinstance(m, CastedLinear) and (".attn." in name or phased and ".mlp." in name)]
+    gen = torch.Generator().manual_seed(h.seed)  # the first batch's adapters, the same on every rank
     inits = [torch.randn(r, n_in, generator=gen).to(run.device) / math.sqrt(n_in)
              for n_in in [m.in_features for m in lin] + [h.model_dim]]
-    for p in model.parameters():
-        p.requires_grad_(False)
-    parts, t0, done = {}, time.perf_counter(), 0
-    progress = Progress(run.log, "ttt", n, "tokens")
-    try:
-        for i in range(0, len(docs), h.ttt_lora_docs):
-            batch = docs[i:i + h.ttt_lora_docs]
-            adapters = []
-            for m, A0 in zip(lin + [None], inits):
-                n_out = h.vocab_size if m is None else m.out_features
-                A = A0.expand(len(batch), -1, -1).clone().requires_grad_()
-                B = torch.zeros(len(batch), n_out, r, device=run.device, requires_grad=True)
-                adapters.append((A, B))
-                if m is None:
-                    model.head_lora = (A, B)
-                else:
-                    m.lora = (A, B)
-            opt = torch.optim.Adam([t for ab in adapters for t in ab], lr=h.ttt_lora_lr)
-            longest = max(b - a for a, b in batch)
-            for k in range(0, longest, C):
-                wins = []  # per document: the window scoring its chunk
-                for a, b in batch:
-                    e = min(a + k + C, b)
-                    ws = max(a, e - L)
-                    wins.append((ws, min(a + k, e) - ws, e - ws))
-                x, mask = window_rows(tokens, wins, len(batch), max(w for _, _, w in wins), run.device)
-                nll, rows = score_rows(model, x, mask, luts, run.autocast)  # scored before the update below
-                parts.update({a + k: row for (a, b), row in zip(batch, rows) if a + k < b})
-                if k + C < longest:
-                    opt.zero_grad()
-                    ((nll * mask).sum() / C).backward()
-                    opt.step()
-            done = project_eval_time(run.log, t0, done, sum(b - a for a, b in batch) * run.world, n, h)  # all ranks
-            progress(done)
-    finally:
+    params = list(model.parameters())
+    sgd = torch.optim.SGD(params, lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
+
+    def attach(rows, inits):
+        """Fresh adapters (A from `inits`, B zero) for `rows` documents on every target, and their AdamW."""
+        adapters = []
+        for m, A0 in zip(lin + [None], inits):
+            A = A0.expand(rows, -1, -1).clone().requires_grad_()
+            B = torch.zeros(rows, h.vocab_size if m is None else m.out_features, r, device=run.device, requires_grad=True)
+            adapters.append((A, B))
+            if m is None:
+                model.head_lora = (A, B)
+            else:
+                m.lora = (A, B)
+        opt = torch.optim.AdamW([t for ab in adapters for t in ab], lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, 0.999),
+                                weight_decay=h.ttt_lora_wd)
+        return adapters, opt
+
+    def step(opt, x, mask, learn):
+        """Scores the rows (sums returned), then one AdamW step on their scored targets if `learn`. Eager: the
+        compiled variant (window lengths padded to 5 sizes, 2 row counts) was still compiling after 8 min."""
+        nll, rows = score_rows(model, x, mask, luts, run.autocast)
+        if learn:
+            opt.zero_grad()
+            ((nll * mask).sum() / C).backward()
+            opt.step()
+        return rows
+
+    def detach():
         model.head_lora = None
         for m in lin:
             m.lora = None
-        for p in model.parameters():
+
+    t_warm = time.perf_counter()
+    if phase_after:
+        run.log("ttt: compiling the SGD phases' training graph on random tokens")
+        compile_sgd(model, runner, sgd, h, run)
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        parts, t0, done = {}, time.perf_counter(), 0
+        progress = Progress(run.log, "ttt", n, "tokens")
+        for j, batch in enumerate(batches):
+            mine = batch[run.rank::run.world]
+            adapters, opt = attach(len(mine), inits)
+            longest = max((b - a for a, b in mine), default=0)
+            for k in range(0, longest, C):
+                wins = []  # per document: the window scoring its chunk
+                for a, b in mine:
+                    e = min(a + k + C, b)
+                    ws = max(a, e - L)
+                    wins.append((ws, min(a + k, e) - ws, e - ws))
+                x, mask = window_rows(tokens, wins, len(mine), max(length for _, _, length in wins), run.device)
+                rows = step(opt, x, mask, k + C < longest)
+                parts.update({a + k: row for (a, b), row in zip(mine, rows) if a + k < b})  # scored before the step
+            if phased:  # the next batch starts from the mean trained A of this one, over all ranks
+                inits = [run.all_reduce(A.detach().sum(0)) / len(batch) for A, _ in adapters]
+            if j in phase_after:
+                detach()
+                for p in params:
+                    p.requires_grad_(True)
+                seen = sorted(docs[:(j + 1) * h.ttt_lora_docs])  # every rank's documents so far, in stream order
+                stream = np.concatenate([tokens[a:b] for a, b in seen])
+                seqs = rows_of(stream, 0, len(stream) - 1, h.train_seq_len, run.device)
+                lr = h.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * phase_after[j] / h.ttt_phases))
+                sgd_epochs(runner, params, sgd, seqs, lr, 1, h, run)
+                run.log(f"ttt: phase {phase_after[j] + 1}/{h.ttt_phases}: SGD over {len(seen):,} scored documents "
+                        f"({len(seqs):,} rows, lr {lr:.2e})")
+                for p in params:
+                    p.requires_grad_(False)
+            done = project_eval_time(run.log, t0, done, sum(b - a for a, b in batch), n, h, spent=t0 - t_warm)
+            progress(done)
+    finally:
+        detach()
+        for p in params:
             p.requires_grad_(True)
     sums = sum(parts.values(), torch.zeros(3, dtype=torch.float64, device=run.device))
     return as_metrics(run.all_reduce(sums), tokens), parts
@@ -2112,9 +2176,9 @@ def score(h, run, model, compiled, val, result, label):
     if h.ttt == "sgd":
         final = timed_eval(run, result, "score-first TTT (sgd)", "ttt",
                            lambda: ttt_sgd(model, compiled, val.tokens, val.luts, h, run)[0])
-    elif h.ttt == "lora":
-        final = timed_eval(run, result, "score-first TTT (lora)", "ttt",
-                           lambda: ttt_lora(model, val.tokens, val.luts, h, run)[0])
+    elif h.ttt in ("lora", "phased"):
+        final = timed_eval(run, result, f"score-first TTT ({h.ttt})", "ttt",
+                           lambda: ttt_lora(model, compiled, val.tokens, val.luts, h, run)[0])
     return final
 
 
