@@ -211,7 +211,7 @@ class Hyperparameters:
         self.ttt_grad_clip = f("TTT_GRAD_CLIP", 1.0, lo=0)
         self.ttt_batch_seqs = i("TTT_BATCH_SEQS", 16, lo=1)  # sgd: sequences per step (all ranks)
         self.ttt_lora_rank = i("TTT_LORA_RANK", 8, lo=1)
-        self.ttt_lora_lr = f("TTT_LORA_LR", 0.001, lo=0)  # Adam
+        self.ttt_lora_lr = f("TTT_LORA_LR", 0.001, lo=0)  # AdamW
         self.ttt_lora_chunk = i("TTT_LORA_CHUNK", 256, lo=1)  # lora: tokens scored per step within a document
         self.ttt_lora_docs = i("TTT_LORA_DOCS", 64, lo=1)  # lora: documents per batch, all ranks together
         self.ttt_lora_wd = f("TTT_LORA_WD", 0.0, lo=0)  # lora: AdamW weight decay of the adapters
@@ -284,6 +284,9 @@ class Hyperparameters:
                 raise ConfigError(f"{name.upper()}={path}: no such file")
         if self.ttt == "sgd" and self.ttt_chunk_tokens % self.train_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
+        if self.ttt == "phased" and self.ttt_phase_docs < self.ttt_phases * self.ttt_lora_docs:
+            raise ConfigError(f"TTT_PHASE_DOCS={self.ttt_phase_docs}: {self.ttt_phases} phases need at least "
+                              f"TTT_PHASES x TTT_LORA_DOCS = {self.ttt_phases * self.ttt_lora_docs} documents (a batch each)")
         if self.ttt in ("lora", "phased") and self.ttt_lora_chunk > self.eval_seq_len:
             raise ConfigError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk}: must be at most EVAL_SEQ_LEN={self.eval_seq_len} "
                               "(a window scores at most that many targets)")
@@ -568,6 +571,7 @@ def load_tokenizer_luts(path, vocab_size):
 
 ATTN = {"name": "sdpa", "module": None}  # the attention kernel in use, set by select_attention
 ATTN_PACKAGES = {"fa3": "flash_attn_interface", "fa4": "flash_attn.cute.interface"}
+FLEX = {}  # flex_attention compiled once per process, on first use on CUDA
 
 
 def select_attention(name, docs=False):
@@ -628,9 +632,9 @@ def select_sdpa_backend(name):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
 
 
-# FlashAttention varlen: room for a document start every 256 tokens beyond each row's (FineWeb documents are
-# ~4x longer). Every padded sequence costs: one per 16 tokens made FA4 twice as slow; the exact count needs a
-# host sync. A batch with more starts runs its last documents as one causal sequence.
+# FlashAttention varlen: room in each row for a document start every 256 tokens beyond the row's (FineWeb
+# documents are ~4x longer). Every padded sequence costs: one per 16 tokens made FA4 twice as slow; the exact
+# count needs a host sync. A row with more starts runs its last documents as one causal sequence.
 VARLEN_DOC_TOKENS = 256
 
 
@@ -640,16 +644,18 @@ def attention_layout(idx, docs):
     flattened batch (every BOS and row start), int32, padded to a fixed count with empty sequences (the
     compiled graph keeps one shape); for flex a block mask, causal and, with `docs`, within documents."""
     B, T = idx.shape
-    ids = (idx == BOS_ID).cumsum(1)
+    ids = (idx == BOS_ID).cumsum(1) if docs else None
     if ATTN["name"] == "flex":
         from torch.nn.attention.flex_attention import create_block_mask
         keep = lambda b, h, q, kv: (q >= kv) & (ids[b, q] == ids[b, kv]) if docs else q >= kv
-        return create_block_mask(keep, B if docs else None, None, T, T, device=idx.device)
+        eager_cuda = idx.is_cuda and not torch.compiler.is_compiling()  # (a compiled model fuses it anyway)
+        return create_block_mask(keep, B if docs else None, None, T, T, device=idx.device, _compile=eager_cuda)
     if not docs:
         return None
     if ATTN["name"] in ATTN_PACKAGES:
         starts = (idx == BOS_ID) | (torch.arange(T, device=idx.device) == 0)
-        cu = torch.nonzero_static(starts.flatten(), size=B + B * T // VARLEN_DOC_TOKENS, fill_value=B * T).flatten()
+        starts &= starts.cumsum(1) <= 1 + T // VARLEN_DOC_TOKENS  # a row's surplus documents merge in that row
+        cu = torch.nonzero_static(starts.flatten(), size=B * (1 + T // VARLEN_DOC_TOKENS), fill_value=B * T).flatten()
         return torch.cat([cu, cu.new_full((1,), B * T)]).int()
     return (ids[:, None, :, None] == ids[:, None, None, :]).tril()
 
@@ -670,9 +676,11 @@ def attend(q, k, v, layout=None):
         y = ATTN["module"].flash_attn_func(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if name == "flex":
+    if name == "flex":  # compiled on CUDA also when the model runs eagerly (LoRA TTT): unfused, it stores T x T scores
         from torch.nn.attention.flex_attention import flex_attention
-        return flex_attention(q, k, v, block_mask=layout, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
+        eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
+        flex = FLEX.setdefault("cuda", torch.compile(flex_attention)) if eager_cuda else flex_attention
+        return flex(q, k, v, block_mask=layout, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
     if layout is not None and k.size(1) != q.size(1):  # the kernels that take a mask take no GQA (else: math, O(T^2))
         k, v = (x.repeat_interleave(q.size(1) // x.size(1), 1) for x in (k, v))
     y = F.scaled_dot_product_attention(q, k, v, attn_mask=layout, is_causal=layout is None, enable_gqa=k.size(1) != q.size(1))
@@ -1677,13 +1685,12 @@ def evaluate(model, tokens, luts, h, run, stride=None, label="eval"):
 
 
 def sgd_epochs(runner, params, opt, seqs, lr, epochs, h, run):
-    """`epochs` passes of SGD over token rows `seqs` [n, L + 1], TTT_BATCH_SEQS rows per step shared out
-    over the ranks (gradients all-reduced, so every rank takes the same step); `lr`: one LR, or one per step."""
-    L, steps = seqs.size(1) - 1, range(0, len(seqs), h.ttt_batch_seqs)
-    lrs = lr if isinstance(lr, list) else [lr] * (epochs * len(steps))
-    for j, i in enumerate(i for _ in range(epochs) for i in steps):
-        for g in opt.param_groups:
-            g["lr"] = lrs[j]
+    """`epochs` passes of SGD at `lr` over token rows `seqs` [n, L + 1], TTT_BATCH_SEQS rows per step shared
+    out over the ranks (gradients all-reduced, so every rank takes the same step)."""
+    L = seqs.size(1) - 1
+    for g in opt.param_groups:
+        g["lr"] = lr
+    for i in (i for _ in range(epochs) for i in range(0, len(seqs), h.ttt_batch_seqs)):
         rows = seqs[i:i + h.ttt_batch_seqs][run.rank::run.world]
         if len(rows):
             with run.autocast:
@@ -1774,7 +1781,8 @@ def ttt_lora(model, runner, tokens, luts, h, run):
     def step(opt, x, mask, learn):
         """Scores the rows (sums returned), then one AdamW step on their scored targets if `learn`. Eager: the
         compiled variant (window lengths padded to 5 sizes, 2 row counts) was still compiling after 8 min."""
-        nll, rows = score_rows(model, x, mask, luts, run.autocast)
+        with torch.set_grad_enabled(learn):
+            nll, rows = score_rows(model, x, mask, luts, run.autocast)
         if learn:
             opt.zero_grad()
             ((nll * mask).sum() / C).backward()
@@ -1798,14 +1806,14 @@ def ttt_lora(model, runner, tokens, luts, h, run):
         for j, batch in enumerate(batches):
             mine = batch[run.rank::run.world]
             adapters, opt = attach(len(mine), inits)
-            longest = max((b - a for a, b in mine), default=0)
-            for k in range(0, longest, C):
+            longest = max(b - a for a, b in batch)  # the batch's, not the rank's: the same steps on any world size
+            for k in range(0, longest if mine else 0, C):
                 wins = []  # per document: the window scoring its chunk
                 for a, b in mine:
                     e = min(a + k + C, b)
                     ws = max(a, e - L)
                     wins.append((ws, min(a + k, e) - ws, e - ws))
-                x, mask = window_rows(tokens, wins, len(mine), max(length for _, _, length in wins), run.device)
+                x, mask = window_rows(tokens, wins, len(mine), max(w for _, _, w in wins), run.device)
                 rows = step(opt, x, mask, k + C < longest)
                 parts.update({a + k: row for (a, b), row in zip(mine, rows) if a + k < b})  # scored before the step
             if phased:  # the next batch starts from the mean trained A of this one, over all ranks
@@ -1816,9 +1824,11 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                     p.requires_grad_(True)
                 seen = sorted(docs[:(j + 1) * h.ttt_lora_docs])  # every rank's documents so far, in stream order
                 stream = np.concatenate([tokens[a:b] for a, b in seen])
-                seqs = rows_of(stream, 0, len(stream) - 1, h.train_seq_len, run.device)
+                seqs = rows_of(stream, 0, len(stream) - 1, h.train_seq_len, run.device) if len(stream) > h.train_seq_len \
+                    else stream[:0]  # too few tokens for one row: the phase is skipped (on every rank alike)
                 lr = h.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * phase_after[j] / h.ttt_phases))
-                sgd_epochs(runner, params, sgd, seqs, lr, 1, h, run)
+                if len(seqs):
+                    sgd_epochs(runner, params, sgd, seqs, lr, 1, h, run)
                 run.log(f"ttt: phase {phase_after[j] + 1}/{h.ttt_phases}: SGD over {len(seen):,} scored documents "
                         f"({len(seqs):,} rows, lr {lr:.2e})")
                 for p in params:

@@ -104,15 +104,15 @@ def test_fa4_op_passes_torch_library_checks(fa4):
 
 def test_varlen_layout_marks_every_document_and_row_start(fa4, monkeypatch):
     """FlashAttention's layout: the flattened batch's sequence starts (each BOS and each row start, nothing
-    else), then empty sequences up to a fixed count, so the compiled graph sees one shape. A batch with more
-    starts than that room runs its last documents as one causal sequence."""
+    else), then empty sequences up to a fixed count, so the compiled graph sees one shape. A row with more
+    starts than its room runs its last documents as one causal sequence, within the row."""
     cu = T.attention_layout(packed_idx(), True)
-    cap = 2 + 96 // T.VARLEN_DOC_TOKENS
+    cap = 2 * (1 + 48 // T.VARLEN_DOC_TOKENS)
     assert cu.dtype == torch.int32 and cu.shape == (cap + 1,) and cap > 6
     assert cu.tolist() == [0, 5, 11, 48, 51, 52] + [96] * (cap - 5)
     assert T.attention_layout(packed_idx(), False) is None
-    monkeypatch.setattr(T, "VARLEN_DOC_TOKENS", 96)
-    assert T.attention_layout(packed_idx(), True).tolist() == [0, 5, 11, 96]
+    monkeypatch.setattr(T, "VARLEN_DOC_TOKENS", 48)  # room for one start per row beyond the row's own
+    assert T.attention_layout(packed_idx(), True).tolist() == [0, 5, 48, 51, 96]  # never across rows
 
 
 def test_fa4_path_matches_sdpa_forward_and_backward(fa4, monkeypatch):

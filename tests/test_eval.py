@@ -241,6 +241,17 @@ def test_ttt_time_projection_counts_compile_time_and_warns():
     assert 14 <= projected <= 17 and "over MAX_EVAL_SECONDS=12" in line
 
 
+def test_phased_ttt_skips_a_phase_without_a_full_row_and_refuses_shared_batches(trained):
+    """A phase over fewer scored tokens than TRAIN_SEQ_LEN has no row to train on: it is skipped (it crashed
+    in unfold); phases that would fall on one batch are a configuration error, not a silently lost phase."""
+    tokens = np.where(trained[1][:301] == T.BOS_ID, 5, trained[1][:301])
+    tokens[[0, 40, 100]] = T.BOS_ID  # documents of 40, 60 and 200 tokens; the first phase sees only 40
+    metrics, parts = ttt(trained, tokens, "phased", TTT_LORA_DOCS=1, TTT_PHASES=2, TTT_PHASE_DOCS=2)
+    assert metrics["val_tokens"] == 300 and min(parts) == 0
+    with pytest.raises(T.ConfigError, match="TTT_PHASE_DOCS=100: 3 phases need at least TTT_PHASES x TTT_LORA_DOCS = 192"):
+        hparams(TTT="phased", TTT_LORA_CHUNK=64, TTT_PHASE_DOCS=100)
+
+
 def test_phased_ttt_on_two_ranks_scores_as_one(corpus, finished, tmp_path):
     """TTT=phased on the finished run's artifact: 2 gloo ranks (each a share of every batch, gradients and
     the warm-started A all-reduced) give the 1-rank score."""
