@@ -632,9 +632,8 @@ def select_sdpa_backend(name):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
 
 
-# FlashAttention varlen: room in each row for a document start every 256 tokens beyond the row's (FineWeb
-# documents are ~4x longer). Every padded sequence costs: one per 16 tokens made FA4 twice as slow; the exact
-# count needs a host sync. A row with more starts runs its last documents as one causal sequence.
+# FlashAttention varlen: room per row for a document start every 256 tokens (padding costs time; an exact
+# count needs a host sync); a row's surplus documents run as one causal sequence.
 VARLEN_DOC_TOKENS = 256
 
 
@@ -1740,14 +1739,11 @@ def ttt_sgd(model, runner, tokens, luts, h, run):
 
 
 def ttt_lora(model, runner, tokens, luts, h, run):
-    """Score-first per-document LoRA TTT. Documents, sorted by length, go in batches of TTT_LORA_DOCS (all
-    ranks together, each rank a share); each row gets rank-TTT_LORA_RANK adapters (B zero, so a document's
-    first chunk is scored by the model as it stands), and its TTT_LORA_CHUNK-token chunks are scored in
-    order, each after AdamW steps on the earlier ones only; base frozen. `lora`: adapters on attention and
-    the head, A from one fixed draw. `phased`: on attention, MLP and the head, A warm-started from the mean of
-    the previous batch's trained A (all ranks), and after the batches that pass TTT_PHASE_DOCS x p /
-    TTT_PHASES documents, all ranks run one SGD epoch of the whole model over every document scored so far.
-    Returns (metrics, {first target position: sums})."""
+    """Score-first per-document LoRA TTT: documents sorted by length in batches of TTT_LORA_DOCS (all ranks);
+    per row adapters (B zero: a first chunk sees the model as it stands), chunks scored in order, each after
+    AdamW steps on the earlier ones only; base frozen. `lora`: attention and head, A fixed. `phased`: also the
+    MLP, A from the previous batch's mean, and SGD phases of the whole model over the documents scored so far
+    (README). Returns (metrics, {first target position: sums})."""
     n, L, C, r, phased = len(tokens) - 1, h.eval_seq_len, h.ttt_lora_chunk, h.ttt_lora_rank, h.ttt == "phased"
     starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
     docs = sorted([(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a], key=lambda d: (d[1] - d[0], d[0]))
@@ -1779,8 +1775,7 @@ def ttt_lora(model, runner, tokens, luts, h, run):
         return adapters, opt
 
     def step(opt, x, mask, learn):
-        """Scores the rows (sums returned), then one AdamW step on their scored targets if `learn`. Eager: the
-        compiled variant (window lengths padded to 5 sizes, 2 row counts) was still compiling after 8 min."""
+        """Scores the rows (sums returned), then if `learn` one AdamW step on their scored targets (eager)."""
         with torch.set_grad_enabled(learn):
             nll, rows = score_rows(model, x, mask, luts, run.autocast)
         if learn:
