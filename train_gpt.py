@@ -1819,13 +1819,12 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                     p.requires_grad_(True)
                 seen = sorted(docs[:(j + 1) * h.ttt_lora_docs])  # every rank's documents so far, in stream order
                 stream = np.concatenate([tokens[a:b] for a, b in seen])
-                seqs = rows_of(stream, 0, len(stream) - 1, h.train_seq_len, run.device) if len(stream) > h.train_seq_len \
-                    else stream[:0]  # too few tokens for one row: the phase is skipped (on every rank alike)
                 lr = h.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * phase_after[j] / h.ttt_phases))
-                if len(seqs):
-                    sgd_epochs(runner, params, sgd, seqs, lr, 1, h, run)
+                if len(stream) > h.train_seq_len:  # else not one full row: skipped, on every rank alike
+                    sgd_epochs(runner, params, sgd, rows_of(stream, 0, len(stream) - 1, h.train_seq_len, run.device),
+                               lr, 1, h, run)
                 run.log(f"ttt: phase {phase_after[j] + 1}/{h.ttt_phases}: SGD over {len(seen):,} scored documents "
-                        f"({len(seqs):,} rows, lr {lr:.2e})")
+                        f"({(len(stream) - 1) // h.train_seq_len:,} rows, lr {lr:.2e})")
                 for p in params:
                     p.requires_grad_(False)
             done = project_eval_time(run.log, t0, done, sum(b - a for a, b in batch), n, h, spent=t0 - t_warm)
