@@ -678,7 +678,9 @@ def attend(q, k, v, layout=None):
     if name == "flex":  # compiled on CUDA also when the model runs eagerly (LoRA TTT): unfused, it stores T x T scores
         from torch.nn.attention.flex_attention import flex_attention
         eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
-        flex = FLEX.setdefault("cuda", torch.compile(flex_attention)) if eager_cuda else flex_attention
+        if eager_cuda and "cuda" not in FLEX:
+            FLEX["cuda"] = torch.compile(flex_attention)
+        flex = FLEX["cuda"] if eager_cuda else flex_attention
         return flex(q, k, v, block_mask=layout, enable_gqa=k.size(1) != q.size(1)).transpose(1, 2)
     if layout is not None and k.size(1) != q.size(1):  # the kernels that take a mask take no GQA (else: math, O(T^2))
         k, v = (x.repeat_interleave(q.size(1) // x.size(1), 1) for x in (k, v))
