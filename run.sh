@@ -90,7 +90,11 @@ fi
 if [ -z "${NPROC_PER_NODE:-}" ]; then
   NPROC_PER_NODE=$(python3 -c "import torch; print(max(1, torch.cuda.device_count()))")
 fi
-if [ "$NPROC_PER_NODE" = 1 ]; then
-  exec python3 train_gpt.py  # one process needs no launcher, and Ctrl-C then prints only the script's own line
+script=train_gpt.py
+if [ "${PROFILE:-0}" = 1 ]; then
+  script=scripts/profile_steps.py  # train_gpt.py plus a CUDA profile of two training steps (README: Speed)
 fi
-exec python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" train_gpt.py
+if [ "$NPROC_PER_NODE" = 1 ]; then
+  exec python3 "$script"  # one process needs no launcher, and Ctrl-C then prints only the script's own line
+fi
+exec python3 -m torch.distributed.run --standalone --nproc_per_node="$NPROC_PER_NODE" "$script"

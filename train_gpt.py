@@ -575,8 +575,8 @@ FLEX = {}  # flex_attention compiled once per process, on first use on CUDA
 
 
 def select_attention(name, docs=False):
-    """ATTENTION: FlashAttention-3 or -4 (importable on CUDA), FlexAttention (CUDA) or PyTorch SDPA; auto takes
-    fa3, else fa4, else flex on CUDA with `docs` (DOC_ATTENTION), else SDPA. Returns the log's words for the choice."""
+    """ATTENTION: FlashAttention-3/-4 (importable, CUDA), FlexAttention (CUDA) or SDPA; auto: fa3, else fa4, else
+    flex on CUDA with `docs` (DOC_ATTENTION), else SDPA. Returns the log's words for the choice."""
     cuda, found = torch.cuda.is_available(), {}
     for key, module in ATTN_PACKAGES.items():
         if name in ("auto", key) and cuda:
@@ -638,10 +638,9 @@ VARLEN_DOC_TOKENS = 256
 
 
 def attention_layout(idx, docs):
-    """What `attend` needs beyond q, k, v, built once per forward on the device (no host sync): with `docs`
-    (DOC_ATTENTION), a boolean mask [B, 1, T, T] for SDPA, or for FlashAttention the sequence starts of the
-    flattened batch (every BOS and row start), int32, padded to a fixed count with empty sequences (the
-    compiled graph keeps one shape); for flex a block mask, causal and, with `docs`, within documents."""
+    """What `attend` needs beyond q, k, v, built per forward on the device (no host sync). With `docs`: SDPA a
+    mask [B, 1, T, T]; FlashAttention the int32 starts of every BOS and row, padded to a fixed count with empty
+    sequences (one compiled shape). Flex: a causal block mask, within documents with `docs`."""
     B, T = idx.shape
     ids = (idx == BOS_ID).cumsum(1) if docs else None
     if ATTN["name"] == "flex":
@@ -952,8 +951,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def start_loops(self, tensors):
-        """At CRAWLER_START_FRAC: the control rows of loops 1.. (idle while the crawler ran once, only weight
-        decay touched them) restart as copies of loop 0's. `tensors`: {parameter name: tensor}, live or EMA."""
+        """At CRAWLER_START_FRAC: loops 1..'s control rows (idle until now but for weight decay) restart as
+        copies of loop 0's. `tensors`: {parameter name: tensor}, live or EMA."""
         first = {j: p for p, (j, _, k) in enumerate(self.schedule) if k == 0}
         for p, (j, _, k) in enumerate(self.schedule):
             if k > 0 and self.row[p] != self.row[first[j]]:
@@ -1115,9 +1114,8 @@ def build_optimizers(model, h, run, zeropower):
 
 
 def schedule(step, progress, h):
-    """(LR multiplier, Muon momentum) at `step` and `progress` in [0, 1] of the budget (wall clock, else
-    ITERATIONS). LR: warmup over LR_WARMUP_STEPS, flat, then linear to MIN_LR_FRAC over the last
-    WARMDOWN_FRAC. Momentum: ramp over MUON_MOMENTUM_WARMUP_STEPS."""
+    """(LR multiplier, Muon momentum) at `step`, `progress` in [0, 1] of the budget (wall clock, else ITERATIONS):
+    LR warmup, flat, linear to MIN_LR_FRAC over the last WARMDOWN_FRAC; momentum ramped."""
     lr = min(1.0, (step + 1) / h.lr_warmup_steps) if h.lr_warmup_steps else 1.0
     left = 1.0 - progress
     if h.warmdown_frac and left < h.warmdown_frac:
@@ -1295,9 +1293,9 @@ def export_plan(h, model):
 
 
 def quantize_model(model, plan, h, batches, run, hessians):
-    """Quantizes `plan`'s weights by rounds, other embeddings to nearest, LQER_RANK corrections; small tensors
-    stay fp16. `hessians` {round: H}: collected from `batches` once, then reused (QUANT_FIT reads no data).
-    Leaves the model dequantized. Returns {name: (levels int8, step fp16, bits) or fp16 tensor}."""
+    """Quantizes `plan`'s weights by rounds, other embeddings to nearest, LQER_RANK corrections, small tensors
+    fp16; `hessians` {round: H} from `batches` once (QUANT_FIT reuses them). Leaves the model dequantized.
+    Returns {name: (levels int8, step fp16, bits) or fp16 tensor}."""
     mods = dict(model.named_modules())
     floats = {n: mods[n].weight.detach().float().clone() for names, _ in plan.rounds for n in names}
     out, progress = {}, Progress(run.log, "quantize", len(plan.rounds), "rounds")
@@ -1365,9 +1363,9 @@ QUANT_FIT_SCALES = (0.5, 4.0)  # finer clips real weights
 
 
 def fit_to_budget(model, floats, plan, h, hessians, run, first, budget):
-    """QUANT_FIT: SDClip widths times 2^t until the model is within 1% under `budget` (rank 0's sizes
-    decide): secant on t, then bisection once bracketed. `first`: the qstate at t = 0. Returns (qstate,
-    rank 0's compress result, scale) of the largest probe that fits, else of the smallest."""
+    """QUANT_FIT: SDClip widths times 2^t until within 1% under `budget` (rank 0's sizes): secant on t, bisection
+    once bracketed; `first`: t = 0. Returns (qstate, rank 0's compress result, scale) of the largest fitting
+    probe, else of the smallest."""
     weights, (lo, hi) = quantized_weights(first), map(math.log2, QUANT_FIT_SCALES)
     probes, t, qstate = [], 0.0, first
     for i in range(h.quant_fit_probes):
@@ -1741,11 +1739,10 @@ def ttt_sgd(model, runner, tokens, luts, h, run):
 
 
 def ttt_lora(model, runner, tokens, luts, h, run):
-    """Score-first per-document LoRA TTT: documents sorted by length in batches of TTT_LORA_DOCS (all ranks);
-    per row adapters (B zero: a first chunk sees the model as it stands), chunks scored in order, each after
-    AdamW steps on the earlier ones only; base frozen. `lora`: attention and head, A fixed. `phased`: also the
-    MLP, A from the previous batch's mean, and SGD phases of the whole model over the documents scored so far
-    (README). Returns (metrics, {first target position: sums})."""
+    """Score-first per-document LoRA TTT: documents by length in batches of TTT_LORA_DOCS (all ranks), per row
+    adapters (B zero: a first chunk sees the artifact), chunks scored in order, each after AdamW steps on the
+    earlier ones; base frozen. `lora`: attention and head, A fixed. `phased`: also MLP, A from the previous
+    batch's mean, SGD phases over the documents scored so far. Returns (metrics, {first target: sums})."""
     n, L, C, r, phased = len(tokens) - 1, h.eval_seq_len, h.ttt_lora_chunk, h.ttt_lora_rank, h.ttt == "phased"
     starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
     docs = sorted([(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a], key=lambda d: (d[1] - d[0], d[0]))
@@ -1753,6 +1750,8 @@ def ttt_lora(model, runner, tokens, luts, h, run):
     phase_after = {math.ceil(h.ttt_phase_docs * (p + 1) / h.ttt_phases / h.ttt_lora_docs) - 1: p
                    for p in range(h.ttt_phases if phased else 0)}
     phase_after = {j: p for j, p in phase_after.items() if j < len(batches) - 1}  # a later batch must gain
+    # positions each batch runs (windows reach back up to L), for the time projection
+    work = [len(bt) * sum(min(L, k + C) for k in range(0, max(b - a for a, b in bt), C)) for bt in batches]
     lin = [m for name, m in model.named_modules()
            if isinstance(m, CastedLinear) and (".attn." in name or phased and ".mlp." in name)]
     gen = torch.Generator().manual_seed(h.seed)  # the first batch's adapters, the same on every rank
@@ -1760,6 +1759,8 @@ def ttt_lora(model, runner, tokens, luts, h, run):
              for n_in in [m.in_features for m in lin] + [h.model_dim]]
     params = list(model.parameters())
     sgd = torch.optim.SGD(params, lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
+    # one graph for all rows and widths (a size 1 would be specialised: padded to 2)
+    lora_runner = torch.compile(model, dynamic=True, fullgraph=h.compile_fullgraph) if h.compile else model
 
     def attach(rows, inits):
         """Fresh adapters (A from `inits`, B zero) for `rows` documents on every target, and their AdamW."""
@@ -1773,13 +1774,12 @@ def ttt_lora(model, runner, tokens, luts, h, run):
             else:
                 m.lora = (A, B)
         opt = torch.optim.AdamW([t for ab in adapters for t in ab], lr=h.ttt_lora_lr, betas=(h.ttt_lora_beta1, 0.999),
-                                weight_decay=h.ttt_lora_wd)
+                                weight_decay=h.ttt_lora_wd, fused=run.is_cuda)
         return adapters, opt
 
     def step(opt, x, mask, learn):
-        """Scores the rows (sums returned), then if `learn` one AdamW step on their scored targets (eager)."""
-        with torch.set_grad_enabled(learn):
-            nll, rows = score_rows(model, x, mask, luts, run.autocast)
+        """Scores the rows (sums returned; grad on: one graph), then if `learn` an AdamW step on those targets."""
+        nll, rows = score_rows(lora_runner, x, mask, luts, run.autocast)
         if learn:
             opt.zero_grad()
             ((nll * mask).sum() / C).backward()
@@ -1791,18 +1791,28 @@ def ttt_lora(model, runner, tokens, luts, h, run):
         for m in lin:
             m.lora = None
 
+    def adapting(on):
+        """While adapters train: base frozen, no document masks (a row is one document)."""
+        model.doc_attention = h.doc_attention and not on
+        for p in params:
+            p.requires_grad_(not on)
+
     t_warm = time.perf_counter()
     if phase_after:
         run.log("ttt: compiling the SGD phases' training graph on random tokens")
         compile_sgd(model, runner, sgd, h, run)
-    for p in params:
-        p.requires_grad_(False)
+    adapting(True)
     try:
-        parts, t0, done = {}, time.perf_counter(), 0
-        progress = Progress(run.log, "ttt", n, "tokens")
+        if h.compile:
+            run.log("ttt: compiling the adapter step on random tokens")
+            x = torch.randint(0, h.vocab_size, (2, C + 2), device=run.device)
+            step(attach(2, inits)[1], x, torch.ones_like(x[:, 1:], dtype=torch.bool), True)
+            detach()
+        graphs, parts, t0, done = compile_stats(), {}, time.perf_counter(), 0
+        progress = Progress(run.log, "ttt", sum(work), "positions")
         for j, batch in enumerate(batches):
             mine = batch[run.rank::run.world]
-            adapters, opt = attach(len(mine), inits)
+            adapters, opt = attach(max(2, len(mine)), inits)  # padding rows: masked out
             longest = max(b - a for a, b in batch)  # the batch's, not the rank's: the same steps on any world size
             for k in range(0, longest if mine else 0, C):
                 wins = []  # per document: the window scoring its chunk
@@ -1810,15 +1820,14 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                     e = min(a + k + C, b)
                     ws = max(a, e - L)
                     wins.append((ws, min(a + k, e) - ws, e - ws))
-                x, mask = window_rows(tokens, wins, len(mine), max(w for _, _, w in wins), run.device)
+                x, mask = window_rows(tokens, wins, len(adapters[0][0]), max(2, *(w for _, _, w in wins)), run.device)
                 rows = step(opt, x, mask, k + C < longest)
                 parts.update({a + k: row for (a, b), row in zip(mine, rows) if a + k < b})  # scored before the step
             if phased:  # the next batch starts from the mean trained A of this one, over all ranks
-                inits = [run.all_reduce(A.detach().sum(0)) / len(batch) for A, _ in adapters]
+                inits = [run.all_reduce(A.detach()[:len(mine)].sum(0)) / len(batch) for A, _ in adapters]
             if j in phase_after:
                 detach()
-                for p in params:
-                    p.requires_grad_(True)
+                adapting(False)
                 seen = sorted(docs[:(j + 1) * h.ttt_lora_docs])  # every rank's documents so far, in stream order
                 stream = np.concatenate([tokens[a:b] for a, b in seen])
                 lr = h.ttt_phase_lr * 0.5 * (1 + math.cos(math.pi * phase_after[j] / h.ttt_phases))
@@ -1827,27 +1836,28 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                                lr, 1, h, run)
                 run.log(f"ttt: phase {phase_after[j] + 1}/{h.ttt_phases}: SGD over {len(seen):,} scored documents "
                         f"({(len(stream) - 1) // h.train_seq_len:,} rows, lr {lr:.2e})")
-                for p in params:
-                    p.requires_grad_(False)
-            done = project_eval_time(run.log, t0, done, sum(b - a for a, b in batch), n, h, spent=t0 - t_warm)
+                adapting(True)
+            done = project_eval_time(run.log, t0, done, work[j], sum(work), h, spent=t0 - t_warm)
             progress(done)
+        new = compile_stats()[0] - graphs[0]
+        if new:
+            run.log(f"warning: {new} graphs compiled during TTT")
     finally:
         detach()
-        for p in params:
-            p.requires_grad_(True)
+        adapting(False)
     sums = sum(parts.values(), torch.zeros(3, dtype=torch.float64, device=run.device))
     return as_metrics(run.all_reduce(sums), tokens), parts
 
 
 def project_eval_time(log, t0, done, new, total, h, spent=0.0):
-    """Adds `new` scored tokens; at 10% logs the projected eval time (plus `spent`, e.g. compiling), warning
-    past MAX_EVAL_SECONDS. Returns the new count."""
+    """Adds `new` units of work (tokens, positions); at 10% logs the projected eval time (plus `spent`, e.g.
+    compiling), warning past MAX_EVAL_SECONDS. Returns the new count."""
     if done < total / 10 <= done + new:
         if torch.cuda.is_available():
             torch.cuda.synchronize()  # the GPU's time, not how far the host has queued ahead
         secs = time.perf_counter() - t0
         proj = spent + secs * total / (done + new)
-        log(f"ttt: {done + new:,} of {total:,} tokens in {secs:.1f}s, projected {proj:.0f}s for this eval"
+        log(f"ttt: {(done + new) / total:.0%} of the work in {secs:.1f}s, projected {proj:.0f}s for this eval"
             + (f" - over MAX_EVAL_SECONDS={h.max_eval_seconds:.0f}" if proj > h.max_eval_seconds else ""))
     return done + new
 
