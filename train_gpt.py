@@ -632,8 +632,8 @@ def select_sdpa_backend(name):
             getattr(torch.backends.cuda, f"enable_{backend}_sdp")(backend == name.replace("efficient", "mem_efficient"))
 
 
-# FlashAttention varlen: room per row for a document start every 256 tokens (padding costs time; an exact
-# count needs a host sync); a row's surplus documents run as one causal sequence.
+# FlashAttention varlen: room per row for a document start every 256 tokens (padding costs time, an exact
+# count a host sync); a row's surplus documents run as one causal sequence.
 VARLEN_DOC_TOKENS = 256
 
 
@@ -674,7 +674,7 @@ def attend(q, k, v, layout=None):
         y = ATTN["module"].flash_attn_func(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if name == "flex":  # compiled on CUDA also when the model runs eagerly (LoRA TTT): unfused, it stores T x T scores
+    if name == "flex":  # compiled on CUDA also in eager runs: unfused, it stores T x T scores
         from torch.nn.attention.flex_attention import flex_attention
         eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
         if eager_cuda and "cuda" not in FLEX:
@@ -746,7 +746,7 @@ def exclusive(y, v):
 
 class Attention(nn.Module):
     """GQA with q/k RMS norm, partial RoPE, per-head q gain; optional XSA and a per-head output gate
-    sigmoid(W x[:12]) read from the first dims of the input (zero init: every head starts at one half)."""
+    sigmoid(W x[:12]) from the input's first dims (zero init: every head starts at one half)."""
 
     def __init__(self, dim, heads, kv_heads, xsa, gate, gate_width=12):
         super().__init__()
@@ -807,8 +807,8 @@ class Block(nn.Module):
         return c.attn_scale.to(x.dtype) * self.attn(rms_norm(x) * c.ln, c.cos, c.sin, c.q_gain, c.layout)
 
     def parallel(self, lanes, x0, c):
-        """Two lanes: attention reads lane 0 (mixed with x0), the MLP reads lane 1, both read before either
-        writes; each lane keeps resid x itself and gains post[source] x each branch's output."""
+        """Two lanes: attention reads lane 0 (mixed with x0), the MLP lane 1, both before either writes; each
+        lane keeps resid x itself and gains post[source] x each branch's output."""
         a = self._attn(c.mix[0].to(x0.dtype) * lanes[0] + c.mix[1].to(x0.dtype) * x0, c)
         m = c.mlp_scale.to(x0.dtype) * self.mlp(rms_norm(lanes[1]) * c.ln)
         resid, post = c.lane_resid.to(x0.dtype), c.lane_post.to(x0.dtype)
@@ -1014,8 +1014,8 @@ class GPT(nn.Module):
 # OPTIMIZERS
 
 
-# Quintic Newton-Schulz coefficients (a, b, c) per iteration, the last one repeating: Muon's classic fixed
-# triple, or Polar Express (Amsel et al. 2025), tuned per step to push every singular value towards 1 sooner.
+# Quintic Newton-Schulz (a, b, c) per iteration, the last repeating: Muon's classic triple, or Polar Express
+# (Amsel et al. 2025), tuned per step to push singular values to 1 sooner.
 NS_COEFFS = {"classic": ((3.4445, -4.7750, 2.0315),),
              "polar": ((8.156554524902461, -22.48329292557795, 15.878769915207462),
                        (4.042929935166739, -2.808917465908714, 0.5000178451051316),
@@ -1040,7 +1040,7 @@ def newton_schulz(G, steps, coeffs=NS_COEFFS["classic"]):
 
 class Muon(torch.optim.Optimizer):
     """Nesterov momentum, Newton-Schulz (`coeffs`), decoupled weight decay; `row_norm` (MuonEq-R): unit rows
-    first. Same-shape matrices run as one batched call; ranks orthogonalise shares and all-gather."""
+    first. Same-shape matrices batched; each rank orthogonalises a share, then all-gather."""
 
     def __init__(self, params, lr, momentum, backend_steps, wd, rank=0, world=1, zeropower=newton_schulz,
                  coeffs=NS_COEFFS["classic"], row_norm=False):
@@ -1211,8 +1211,8 @@ class StopForward(Exception):
 
 
 def collect_hessians(model, names, batches, run):
-    """H = sum of x^T x over the input rows each named CastedLinear (the head, for tok_emb) sees on the
-    calibration batches (a shared block: every application), summed across ranks; forwards stop early."""
+    """H = sum of x^T x over the inputs each named CastedLinear (tok_emb: the head) sees on the calibration
+    batches (shared blocks: every application), over all ranks; forwards stop early."""
     mods = dict(model.named_modules(), tok_emb=model.head_input)  # the tied embedding's rows are the head's
     uses = {j: sum(1 for b, _, _ in model.schedule if b == j) for j in range(len(model.blocks))}
     expected = {n: uses[int(n.split(".")[1])] if n.startswith("blocks.") else 1 for n in names}
@@ -1609,8 +1609,8 @@ def eval_windows(a, b, lo, L, stride):
 
 
 def window_plan(tokens, L, stride, isolate, chunk=0):
-    """Windows per chunk of target positions (one chunk unless `chunk`); with `isolate` no window reaches
-    back across a BOS into the previous document."""
+    """Windows per chunk of target positions (one chunk unless `chunk`); with `isolate` none reaches back
+    across a BOS."""
     n = len(tokens) - 1
     starts = np.flatnonzero(tokens[:n] == BOS_ID) if isolate else np.zeros(0, np.int64)
     bounds = list(range(0, n, chunk or n)) + [n]
@@ -1668,7 +1668,7 @@ def as_metrics(sums, tokens):
 
 
 def score_across_ranks(model, tokens, wins, luts, h, run, label=None):
-    """Each rank scores its share of `wins` in eval mode (progress lines under `label`); sums all-reduced."""
+    """Each rank scores its share of `wins` in eval mode (progress under `label`); sums all-reduced."""
     model.eval()
     mine = wins[run.rank * len(wins) // run.world:(run.rank + 1) * len(wins) // run.world]
     progress = Progress(run.log, label, sum(n - first for _, first, n in mine), "tokens") if label else None
@@ -1685,15 +1685,16 @@ def evaluate(model, tokens, luts, h, run, stride=None, label="eval"):
 
 def sgd_epochs(runner, params, opt, seqs, lr, epochs, h, run):
     """`epochs` passes of SGD at `lr` over token rows `seqs` [n, L + 1], TTT_BATCH_SEQS rows per step shared
-    out over the ranks (gradients all-reduced, so every rank takes the same step)."""
-    L = seqs.size(1) - 1
+    out over the ranks (gradients all-reduced: every rank takes the same step); a short last batch wraps
+    round to the first rows (one compiled shape)."""
+    L, B = seqs.size(1) - 1, h.ttt_batch_seqs
     for g in opt.param_groups:
         g["lr"] = lr
-    for i in (i for _ in range(epochs) for i in range(0, len(seqs), h.ttt_batch_seqs)):
-        rows = seqs[i:i + h.ttt_batch_seqs][run.rank::run.world]
+    for i in (i for _ in range(epochs) for i in range(0, len(seqs), B)):
+        rows = seqs[torch.arange(i, i + B, device=seqs.device) % len(seqs)][run.rank::run.world]
         if len(rows):
             with run.autocast:
-                loss = runner(rows[:, :-1], rows[:, 1:]).sum() / (min(h.ttt_batch_seqs, len(seqs) - i) * L)
+                loss = runner(rows[:, :-1], rows[:, 1:]).sum() / (B * L)
             loss.backward()
         for p in params:
             if p.grad is None:
@@ -1759,7 +1760,7 @@ def ttt_lora(model, runner, tokens, luts, h, run):
              for n_in in [m.in_features for m in lin] + [h.model_dim]]
     params = list(model.parameters())
     sgd = torch.optim.SGD(params, lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
-    # one graph for all rows and widths (a size 1 would be specialised: padded to 2)
+    # one graph for all rows and widths (padded to 2: a 1 would be specialised)
     lora_runner = torch.compile(model, dynamic=True, fullgraph=h.compile_fullgraph) if h.compile else model
 
     def attach(rows, inits):
@@ -1798,16 +1799,18 @@ def ttt_lora(model, runner, tokens, luts, h, run):
             p.requires_grad_(not on)
 
     t_warm = time.perf_counter()
-    if phase_after:
-        run.log("ttt: compiling the SGD phases' training graph on random tokens")
-        compile_sgd(model, runner, sgd, h, run)
+    with heartbeat(run.log, "ttt: compiling"):
+        if phase_after:
+            compile_sgd(model, runner, sgd, h, run)
     adapting(True)
     try:
         if h.compile:
-            run.log("ttt: compiling the adapter step on random tokens")
-            x = torch.randint(0, h.vocab_size, (2, C + 2), device=run.device)
-            step(attach(2, inits)[1], x, torch.ones_like(x[:, 1:], dtype=torch.bool), True)
-            detach()
+            t = time.perf_counter()
+            with heartbeat(run.log, "ttt: compiling"):
+                x = torch.randint(0, h.vocab_size, (2, C + 2), device=run.device)
+                step(attach(2, inits)[1], x, torch.ones_like(x[:, 1:], dtype=torch.bool), True)
+                detach()
+            run.log(f"ttt: compiled (random tokens): SGD {t - t_warm:.0f}s, adapters {time.perf_counter() - t:.0f}s")
         graphs, parts, t0, done = compile_stats(), {}, time.perf_counter(), 0
         progress = Progress(run.log, "ttt", sum(work), "positions")
         for j, batch in enumerate(batches):
@@ -1940,8 +1943,8 @@ def train_loader(h, run):
 
 @contextlib.contextmanager
 def deferred_signals():
-    """While training, SIGINT/SIGTERM only note the signal: the loop stops every rank after the same step and
-    the weights are saved (torchrun forwards the signal to every rank, then waits 30 s)."""
+    """While training, SIGINT/SIGTERM only note the signal: every rank stops after the same step, weights
+    saved (torchrun forwards it to every rank, then waits 30 s)."""
     got = []
     old = {s: signal.signal(s, lambda signum, frame: got.append(signum)) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -2016,7 +2019,7 @@ def train(h, run, model, compiled, val, plan):
 
 
 def ranks_identical(run, model, ema):
-    """Whether every rank holds the same live weights and EMA (sha256s gathered)."""
+    """Whether every rank holds the same live weights and EMA (sha256s)."""
     if run.world == 1:
         return True
     digest = hashlib.sha256()

@@ -229,6 +229,22 @@ def test_phased_ttt_phases_learn_only_from_scored_documents(trained):
     assert torch.allclose(no_phase[1100], T.score_windows(model, tokens, [(1100, 0, 64)], luts, 16, T.Run()), rtol=1e-6)
 
 
+def test_sgd_steps_keep_one_batch_shape():
+    """Every SGD step (TTT=sgd chunks, phased phases) runs TTT_BATCH_SEQS rows: a short last batch wraps round
+    to the first rows, since a new shape compiles anew (a phase over 6 rows once cost a recompile on the GPU)."""
+    seen = []
+    lin = T.nn.Linear(1, 1)
+
+    def runner(x, y):
+        seen.append(x[:, 0].tolist())
+        return lin(x[..., None].float()).squeeze(-1)
+
+    seqs = torch.arange(5)[:, None].repeat(1, 3)  # 5 rows of 2 targets, row r all r
+    T.sgd_epochs(runner, list(lin.parameters()), torch.optim.SGD(lin.parameters(), lr=0.0), seqs, 0.0, 1,
+                 hparams(TTT_BATCH_SEQS=4), T.Run())
+    assert seen == [[0, 1, 2, 3], [4, 0, 1, 2]]
+
+
 def test_ttt_time_projection_counts_compile_time_and_warns():
     h, lines = hparams(MAX_EVAL_SECONDS="12"), []
     t0 = T.time.perf_counter() - 1.0  # 1 s for the first 10% of the tokens
