@@ -3,7 +3,7 @@
 Unique "flat" blocks form a U-Net; between its halves weight-shared "crawler" blocks run CRAWLER_LOOPS
 times, so depth costs no bytes. The model is a list of unique blocks plus a schedule of their
 applications; each application may own its control vectors, so the loops of a shared block can differ.
-Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization, evaluation,
+Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization, eval,
 training, main. Budget: at most 44 KB lzma-packed (as records ship it): these bytes count against the
 16 MB artifact.
 
@@ -746,7 +746,7 @@ def exclusive(y, v):
 
 class Attention(nn.Module):
     """GQA with q/k RMS norm, partial RoPE, per-head q gain; optional XSA and a per-head output gate
-    sigmoid(W x[:12]) from the input's first dims (zero init: every head starts at one half)."""
+    sigmoid(W x[:12]) (zero init: every head starts at one half)."""
 
     def __init__(self, dim, heads, kv_heads, xsa, gate, gate_width=12):
         super().__init__()
@@ -768,7 +768,8 @@ class Attention(nn.Module):
         if self.xsa:
             y = exclusive(y, v)
         if self.gate is not None:
-            y = y * torch.sigmoid(x[..., :self.gate.size(1)] @ self.gate.T.to(x.dtype))[..., None]
+            g = F.linear(x[..., :self.gate.size(1)].flatten(0, 1), self.gate.to(x.dtype))  # 2-D: no per-row copy of the gate
+            y = y * torch.sigmoid(g).view(B, T, -1, 1)
         return self.proj(y.reshape(B, T, -1))
 
 

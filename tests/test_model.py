@@ -188,3 +188,20 @@ def test_ema_forgets_the_initial_weights():
         model.weight.fill_(2.0)
     first.update(model)
     assert torch.allclose(first.shadow[0], torch.full((4, 4), 1.9))  # decay 0.1 at the first update
+
+
+def test_frozen_attention_gate_is_one_matmul_under_dynamic_shapes():
+    """LoRA TTT compiles with dynamic shapes and the base frozen. `x[..., :12] @ gate.T` then traced as a
+    bmm against the gate broadcast to every row, and on the GPU (torch 2.11) the saved per-row copy got
+    a stride baked from the warm-up's row count: the record preset's phased TTT died at its first step
+    (expected stride 24, got 768). The gate must be a plain 2-D matmul, no weight broadcast over rows."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+    torch.manual_seed(0)
+    attn = T.Attention(64, 8, 4, True, True).requires_grad_(False)
+    cos, sin = T.rotary_tables(8, 16, 10000.0, 1.0)
+    x = torch.randn(3, 16, 64, requires_grad=True)  # the stream carries the adapters' gradient
+    fn = lambda x, p, cos, sin: torch.func.functional_call(attn, p, (x, cos, sin, torch.ones(8), None))  # noqa: E731
+    g = make_fx(fn, tracing_mode="symbolic")(x, dict(attn.named_parameters()), cos, sin)
+    bmms = [n for n in g.graph.nodes if n.target is torch.ops.aten.bmm.default]
+    broadcast = [n for n in bmms if any(a.meta["val"].stride(0) == 0 for a in n.args)]
+    assert not broadcast, [str(a.meta["val"].shape) for n in broadcast for a in n.args]
