@@ -70,7 +70,8 @@ def summarize(events, steps):
     for n, s, d in events:
         c = collective(n)
         if c is None:
-            kinds[bench.kernel_kind(n)] = kinds.get(bench.kernel_kind(n), 0.0) + d
+            kind = bench.kernel_kind(n)
+            kinds[kind] = kinds.get(kind, 0.0) + d
         else:
             comm.setdefault(c, []).append((s, s + d))
     out = dict(steps=steps, gpu_busy_ms=per(sum(b - a for a, b in busy)),
@@ -83,8 +84,8 @@ def summarize(events, steps):
         out["comm"][c] = dict(calls=round(len(ivs) / steps, 1), ms=per(length), overlapped_ms=per(hidden),
                               exposed_ms=per(length - hidden))
     all_comm = union(iv for ivs in comm.values() for iv in ivs)
-    out["comm_ms"] = per(sum(b - a for a, b in all_comm))
-    out["comm_exposed_ms"] = per(sum(b - a for a, b in all_comm) - covered(all_comm, compute))
+    comm_us = sum(b - a for a, b in all_comm)
+    out["comm_ms"], out["comm_exposed_ms"] = per(comm_us), per(comm_us - covered(all_comm, compute))
     return out
 
 
