@@ -26,7 +26,7 @@ if [ "${SMOKE:-0}" = 1 ]; then
   : "${MODEL_DIM:=64}" "${NUM_HEADS:=4}" "${NUM_KV_HEADS:=2}"
   : "${TRAIN_SEQ_LEN:=128}" "${TRAIN_BATCH_TOKENS:=4096}" "${ITERATIONS:=120}"
   : "${MAX_WALLCLOCK_SECONDS:=0}" "${WARMUP_STEPS:=2}" "${MUON_MOMENTUM_WARMUP_STEPS:=40}" "${TRAIN_LOG_EVERY:=20}"
-  : "${COMPILE:=0}" "${BIGRAM_VOCAB_SIZE:=512}" "${GPTQ_CALIB_TOKENS:=16384}"
+  : "${COMPILE:=0}" "${BIGRAM_VOCAB_SIZE:=512}" "${GPTQ_CALIB_TOKENS:=16384}" "${TTT_LORA_RANK:=8}" "${TTT_LORA_CHUNK:=128}"
   : "${OMP_NUM_THREADS:=1}"  # one CPU thread: two spin-waiting ones are 4x slower on a busy 2-core machine
   : "${NPROC_PER_NODE:=1}" "${RUN_ID:=smoke_$(date +%Y%m%d_%H%M%S)}"  # a new RUN_ID per run: logs are never reused
 fi

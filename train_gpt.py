@@ -4,7 +4,7 @@ Unique "flat" blocks form a U-Net; between its halves weight-shared "crawler" bl
 times, so depth costs no bytes. The model is a list of unique blocks plus a schedule of their
 applications; each application may own its control vectors, so the loops of a shared block can differ.
 Read top to bottom: hyperparameters, run context, data, model, optimizers, quantization, eval,
-training, main. Budget: at most 44 KB lzma-packed (as records ship it): these bytes count against the
+training, main. Budget: at most 48 KB lzma-packed (as records ship it): these bytes count against the
 16 MB artifact.
 
 Run: torchrun --standalone --nproc_per_node=N train_gpt.py   (or python3 train_gpt.py); see README.md.
@@ -15,6 +15,7 @@ import contextlib
 import copy
 import dataclasses
 import datetime
+import difflib
 import glob
 import hashlib
 import importlib
@@ -48,21 +49,15 @@ class ConfigError(Exception):
 
 class EnvReader:
     """Reads typed environment variables; a value that does not parse or fit says what is allowed.
-    Names read inside `shape()` are the model-shape settings that checkpoints and artifacts carry."""
+    Names read while `group` is set are listed in groups[group] (the model shape, the training-only settings)."""
 
     def __init__(self, environ):
-        self.environ, self.names, self.shape_names, self._in_shape = environ, set(), [], False
-
-    @contextlib.contextmanager
-    def shape(self):
-        self._in_shape = True
-        yield
-        self._in_shape = False
+        self.environ, self.names, self.groups, self.group = environ, set(), collections.defaultdict(list), None
 
     def read(self, name, default, kind, lo=None, hi=None, choices=None):
         self.names.add(name)
-        if self._in_shape:
-            self.shape_names.append(name.lower())
+        if self.group:
+            self.groups[self.group].append(name.lower())
         text = self.environ.get(name, "").strip()
         if not text:
             return default
@@ -110,47 +105,49 @@ class Hyperparameters:
         self.tokenizer_path = s("TOKENIZER_PATH", "")  # empty = fineweb_<VOCAB_SIZE>_bpe.model
         self.run_id = s("RUN_ID", datetime.datetime.now().strftime("%Y%m%d_%H%M%S_") + uuid.uuid4().hex[:6])
         self.seed = i("SEED", 1337, lo=0)
+        self.warmup_steps = i("WARMUP_STEPS", 5, lo=0)  # compile warm-up on random tokens (also TTT's), then rolled back
         # Training length, batch and schedule
+        r.group = "train"
         self.iterations = i("ITERATIONS", 20000, lo=0)  # step cap; the wall clock usually stops first
         self.max_wallclock_seconds = f("MAX_WALLCLOCK_SECONDS", 600.0, lo=0)  # 0 = no cap, schedule by steps
         self.train_batch_tokens = i("TRAIN_BATCH_TOKENS", 786_432, lo=1)  # global tokens per step
         self.micro_batch_tokens = i("MICRO_BATCH_TOKENS", 0, lo=0)  # per rank per forward; 0 = up to 98,304
-        self.warmup_steps = i("WARMUP_STEPS", 5, lo=0)  # compile warm-up on random tokens, then rolled back
         self.lr_warmup_steps = i("LR_WARMUP_STEPS", 20, lo=0)  # Adam's first full steps spike the loss
         self.warmdown_frac = f("WARMDOWN_FRAC", 0.7, lo=0, hi=1)  # final share of the budget with linear decay
         self.min_lr_frac = f("MIN_LR_FRAC", 0.1, lo=0, hi=1)  # LR multiplier at the end of warmdown
         self.train_log_every = i("TRAIN_LOG_EVERY", 100, lo=1)
         self.val_loss_every = i("VAL_LOSS_EVERY", 0, lo=0)  # 0 = only the final eval
         # Model shape: checkpoints and artifacts carry these (model_config)
-        with r.shape():
-            self.train_seq_len = i("TRAIN_SEQ_LEN", 2048, lo=2)  # also the default eval window
-            self.vocab_size = i("VOCAB_SIZE", 1024, lo=2, hi=65536)
-            self.model_dim = i("MODEL_DIM", 512, lo=8)
-            self.num_heads = i("NUM_HEADS", 8, lo=1)
-            self.num_kv_heads = i("NUM_KV_HEADS", 4, lo=1)
-            self.num_flat_layers = i("NUM_FLAT_LAYERS", 4, lo=0)  # unique blocks: encoder flats, then decoder flats
-            self.num_encoder_layers = i("NUM_ENCODER_LAYERS", -1, lo=-1)  # flats before the crawler; -1 = half
-            self.num_crawler_layers = i("NUM_CRAWLER_LAYERS", 1, lo=1)  # shared blocks run once per loop
-            self.crawler_loops = i("CRAWLER_LOOPS", 3, lo=0)  # 0 = plain U-Net GPT of the flat blocks
-            self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
-            self.control_vectors = s("CONTROL_VECTORS", "application", choices=("application", "block"))  # per application or block
-            self.unet_skips = s("UNET_SKIPS", "flat", choices=("flat", "executed"))  # U-Net skip pairs: see route()
-            self.skip_gate = b("SKIP_GATE", False)  # skips enter as lerp(w * skip, x, sigmoid(gate))
-            self.parallel_last_n = i("PARALLEL_LAST_N", 0, lo=0)  # last N applications: attention and MLP in two lanes
-            self.attn_gate = b("ATTN_GATE", False)  # per-head sigmoid gate on attention output
-            self.doc_attention = b("DOC_ATTENTION", False)  # attention never crosses a BOS (training and eval)
-            self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
-            self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
-            self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
-            self.mlp_leaky_slope = f("MLP_LEAKY_SLOPE", 0.5, lo=0, hi=1)
-            self.rope_base = f("ROPE_BASE", 10000.0, lo=1)
-            self.rope_dims = i("ROPE_DIMS", 16, lo=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
-            self.xsa_blocks = s("XSA_BLOCKS", "all")  # all | crawler | none | comma list of unique block indices
-            self.logit_softcap = f("LOGIT_SOFTCAP", 30.0, lo=0)  # 0 = no softcap
-            self.bigram_vocab_size = i("BIGRAM_VOCAB_SIZE", 2048, lo=0)  # hash buckets; 0 = no BigramHash
-            self.bigram_dim = i("BIGRAM_DIM", 128, lo=1)
-            self.smear_gate = b("SMEAR_GATE", True)
-            self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
+        r.group = "shape"
+        self.train_seq_len = i("TRAIN_SEQ_LEN", 2048, lo=2)  # also the default eval window
+        self.vocab_size = i("VOCAB_SIZE", 1024, lo=2, hi=65536)
+        self.model_dim = i("MODEL_DIM", 512, lo=8)
+        self.num_heads = i("NUM_HEADS", 8, lo=1)
+        self.num_kv_heads = i("NUM_KV_HEADS", 4, lo=1)
+        self.num_flat_layers = i("NUM_FLAT_LAYERS", 4, lo=0)  # unique blocks: encoder flats, then decoder flats
+        self.num_encoder_layers = i("NUM_ENCODER_LAYERS", -1, lo=-1)  # flats before the crawler; -1 = half
+        self.num_crawler_layers = i("NUM_CRAWLER_LAYERS", 1, lo=1)  # shared blocks run once per loop
+        self.crawler_loops = i("CRAWLER_LOOPS", 3, lo=0)  # 0 = plain U-Net GPT of the flat blocks
+        self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
+        self.control_vectors = s("CONTROL_VECTORS", "application", choices=("application", "block"))  # per application or block
+        self.unet_skips = s("UNET_SKIPS", "flat", choices=("flat", "executed"))  # U-Net skip pairs: see route()
+        self.skip_gate = b("SKIP_GATE", False)  # skips enter as lerp(w * skip, x, sigmoid(gate))
+        self.parallel_last_n = i("PARALLEL_LAST_N", 0, lo=0)  # last N applications: attention and MLP in two lanes
+        self.attn_gate = b("ATTN_GATE", False)  # per-head sigmoid gate on attention output
+        self.doc_attention = b("DOC_ATTENTION", False)  # attention never crosses a BOS (training and eval)
+        self.mlp_mult = f("MLP_MULT", 3.0, lo=0.25)
+        self.crawler_mlp_mult = f("CRAWLER_MLP_MULT", 6.0, lo=0.25)
+        self.mlp_act = s("MLP_ACT", "leaky_relu_sq", choices=("relu_sq", "leaky_relu_sq"))
+        self.mlp_leaky_slope = f("MLP_LEAKY_SLOPE", 0.5, lo=0, hi=1)
+        self.rope_base = f("ROPE_BASE", 10000.0, lo=1)
+        self.rope_dims = i("ROPE_DIMS", 16, lo=0)  # rotated dims per head (partial RoPE); 0 = no RoPE
+        self.xsa_blocks = s("XSA_BLOCKS", "all")  # all | crawler | none | comma list of unique block indices
+        self.logit_softcap = f("LOGIT_SOFTCAP", 30.0, lo=0)  # 0 = no softcap
+        self.bigram_vocab_size = i("BIGRAM_VOCAB_SIZE", 2048, lo=0)  # hash buckets; 0 = no BigramHash
+        self.bigram_dim = i("BIGRAM_DIM", 128, lo=1)
+        self.smear_gate = b("SMEAR_GATE", True)
+        self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
+        r.group = "train"  # settings an artifact does not carry (EVAL_ONLY reports none of them)
         self.qk_gain_init = f("QK_GAIN_INIT", 4.0, lo=0)
         self.crawler_start_frac = f("CRAWLER_START_FRAC", 0.0, lo=0, hi=1)  # crawler once until this share of the budget
         self.tied_embed_init_std = f("TIED_EMBED_INIT_STD", 0.005, lo=0)
@@ -192,8 +189,9 @@ class Hyperparameters:
         self.lqer_bits = i("LQER_BITS", 4, lo=2, hi=8)  # bits of the factors A and B (per row)
         self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: extra crawler rounds
         self.gptq_calib_tokens = i("GPTQ_CALIB_TOKENS", 262_144, lo=1)  # training tokens for the Hessians (all ranks)
-        self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 12.0, lo=0)  # stop training this early for calibration
+        self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 0.0, lo=0)  # training stops this early for export; 0 = measured
         self.compressor = s("COMPRESSOR", "brotli", choices=("zstd", "brotli", "auto"))
+        r.group = None
         self.max_artifact_bytes = i("MAX_ARTIFACT_BYTES", 16_000_000, lo=0)
         self.eval_only = s("EVAL_ONLY", "")  # path of an artifact: evaluate it, no training
         self.export_from = s("EXPORT_FROM", "")  # path of a saved float checkpoint: re-export it, no training
@@ -226,12 +224,14 @@ class Hyperparameters:
         self.compile = b("COMPILE", True)
         self.compile_fullgraph = b("COMPILE_FULLGRAPH", True)
         self.save_checkpoint = b("SAVE_CHECKPOINT", True)  # write logs/<RUN_ID>_model.pt (final float weights)
-        self.model_keys = r.shape_names
+        self.model_keys, self.train_keys = r.groups["shape"], r.groups["train"]
         self.derived = {k for k, _ in self.DERIVED if not getattr(self, k)}
         self.env = {n: environ[n].strip() for n in sorted(r.names) if environ.get(n, "").strip()}  # for the record
         self.resolve()
-        ours = {n.split("_")[0] for n in r.names}
-        self.unknown_env = sorted(k for k in environ if k not in r.names and k.split("_")[0] in ours)
+        prefixes = {n.split("_")[0] for n in r.names}  # CRAWLER_LOOP, ITERATONS: a shared prefix or a near miss
+        near = lambda k, cutoff: (difflib.get_close_matches(k, r.names, 1, cutoff) or [""])[0]
+        self.unknown_env = {k: near(k, 0.6) for k in sorted(environ)
+                            if k not in r.names and (k.split("_")[0] in prefixes or near(k, 0.85))}
 
     def resolve(self):
         """Fills the settings whose default depends on others (0 = derived), then checks the whole."""
@@ -309,7 +309,9 @@ class Hyperparameters:
         return [j in chosen for j in range(n)]
 
     def as_dict(self):
-        return {k: v for k, v in vars(self).items() if k not in ("unknown_env", "derived", "env", "model_keys")}
+        """Every setting; EVAL_ONLY: the artifact's shape and the evaluation's settings, none it was trained with."""
+        skip = {"unknown_env", "derived", "env", "model_keys", "train_keys", *(self.train_keys if self.eval_only else ())}
+        return {k: v for k, v in vars(self).items() if k not in skip}
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -320,10 +322,23 @@ PROGRESS_SECONDS = 10.0  # long phases log a progress line at most this often
 
 class Logger:
     """Rank 0 prints and appends to logs/<RUN_ID>.txt once `open` named it; `error` lines also go to stderr
-    (every rank's, until the run is set up)."""
+    (every rank's, until the run is set up). Until `commit` (training or export has started) a failure moves the
+    log to logs/<RUN_ID>_failed.txt, so the same RUN_ID can run again."""
 
     def __init__(self):
-        self.path, self.quiet = None, False
+        self.path, self.quiet, self.committed = None, False, False
+
+    def commit(self):
+        self.committed = True
+
+    def fail(self, msg):
+        """The error line; an uncommitted log then moves aside (appended to an earlier failure's)."""
+        failed = self.path and not self.committed and self.path[:-4] + "_failed.txt"
+        self.error(msg + (f" (log: {failed})" if failed else ""))
+        if failed and os.path.exists(self.path):
+            with open(self.path, encoding="utf-8") as src, open(failed, "a", encoding="utf-8") as dst:
+                dst.write(src.read())
+            os.remove(self.path)
 
     def open(self, run_id, rank):
         self.quiet = rank > 0
@@ -374,6 +389,14 @@ class Run:
         dist.broadcast(msg, 0, group=self.ctrl)
         return msg.item()
 
+    def most(self, x):
+        """The largest of every rank's number."""
+        if self.world == 1:
+            return x
+        msg = torch.tensor([float(x)], dtype=torch.float64)
+        dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=self.ctrl)
+        return msg.item()
+
     def agree(self, elapsed_ms, stop, signum):
         """Rank 0's elapsed time and stop decision, and any rank's interrupt signal, identical on every rank
         (a CPU all-reduce of max: no GPU sync in the step)."""
@@ -383,6 +406,19 @@ class Run:
         msg = torch.tensor(mine + [float(signum)], dtype=torch.float64)
         dist.all_reduce(msg, op=dist.ReduceOp.MAX, group=self.ctrl)
         return msg[0].item(), bool(msg[1]), int(msg[2])
+
+
+def cpu_threads(environ=os.environ, quota_file="/sys/fs/cgroup/cpu.max"):
+    """Intra-op threads per rank on the CPU, or None to leave torch's choice (OMP_NUM_THREADS set): the cores this
+    process may use (affinity, cgroup quota) shared by the ranks on this machine. torch's default counts the host's
+    cores and its threads spin-wait: more threads than free cores ran a loaded 2-core machine 4-8x slower."""
+    if environ.get("OMP_NUM_THREADS"):
+        return None
+    cores = len(os.sched_getaffinity(0))
+    with contextlib.suppress(OSError, ValueError):
+        quota, period = open(quota_file).read().split()
+        cores = min(cores, math.ceil(int(quota) / int(period))) if quota != "max" else cores
+    return max(1, cores // int(environ.get("LOCAL_WORLD_SIZE", 1)))
 
 
 def start_run(h, log):
@@ -395,6 +431,8 @@ def start_run(h, log):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
+    elif cpu_threads():
+        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
     ctrl = None
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
@@ -556,13 +594,36 @@ def token_bytes(tgt, prev, luts):
     return base[tgt] + (space[tgt] & ~boundary[prev])
 
 
-def load_tokenizer_luts(path, vocab_size):
+def load_tokenizer(path, vocab_size):
     if not os.path.isfile(path):
         raise ConfigError(f"TOKENIZER_PATH={path}: no such file; {FETCH_HINT}")
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.get_piece_size() > vocab_size:
         raise ConfigError(f"TOKENIZER_PATH={path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}; raise VOCAB_SIZE")
-    return byte_luts(sp, vocab_size)
+    return sp
+
+
+def load_tokenizer_luts(path, vocab_size):
+    return byte_luts(load_tokenizer(path, vocab_size), vocab_size)
+
+
+SAMPLE_DOCS = 16  # val documents re-encoded at start-up to check the tokenizer
+
+
+def check_tokenizer(sp, tokens, h):
+    """The val shards must come from this tokenizer, else every bpb is silently wrong: their ids within its pieces,
+    and most sample documents (up to 4,096 tokens) re-encoding to the same ids (another tokenizer's ids do not)."""
+    what = f"the shards in {h.data_path} do not come from TOKENIZER_PATH={h.tokenizer_path}"
+    top = int(tokens.max())
+    if top >= sp.get_piece_size():
+        raise ConfigError(f"{what} (val token id {top}, the tokenizer has {sp.get_piece_size()} pieces); "
+                          "point TOKENIZER_PATH at the model the shards were made with")
+    starts = np.flatnonzero(tokens == BOS_ID)
+    docs = [tokens[a + 1:b].tolist() for a, b in zip(starts, starts[1:]) if b - a <= 4096][:SAMPLE_DOCS]
+    differ = sum(sp.encode(sp.decode(d)) != d for d in docs)
+    if differ * 2 > len(docs):
+        raise ConfigError(f"{what}: {differ} of {len(docs)} sample documents re-encode to other ids; "
+                          "point TOKENIZER_PATH at the model the shards were made with")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -635,21 +696,23 @@ def select_sdpa_backend(name):
 # FlashAttention varlen: room per row for a document start every 256 tokens (padding costs time, an exact
 # count a host sync); a row's surplus documents run as one causal sequence.
 VARLEN_DOC_TOKENS = 256
+FLEX_BLOCK = 128  # FlexAttention's block size
 
 
 def attention_layout(idx, docs):
-    """What `attend` needs beyond q, k, v, built per forward on the device (no host sync). With `docs`: SDPA a
-    mask [B, 1, T, T]; FlashAttention the int32 starts of every BOS and row, padded to a fixed count with empty
-    sequences (one compiled shape). Flex: a causal block mask, within documents with `docs`."""
-    B, T = idx.shape
-    ids = (idx == BOS_ID).cumsum(1) if docs else None
-    if ATTN["name"] == "flex":
-        from torch.nn.attention.flex_attention import create_block_mask
-        keep = lambda b, h, q, kv: (q >= kv) & (ids[b, q] == ids[b, kv]) if docs else q >= kv
-        eager_cuda = idx.is_cuda and not torch.compiler.is_compiling()  # (a compiled model fuses it anyway)
-        return create_block_mask(keep, B if docs else None, None, T, T, device=idx.device, _compile=eager_cuda)
+    """What `attend` needs beyond q, k, v, built per forward on the device (no host sync); None without `docs`
+    (plain causal). With `docs`: SDPA a mask [B, 1, T, T]; FlashAttention the int32 starts of every BOS and row,
+    padded to a fixed count with empty sequences (one compiled shape); flex a block mask within documents."""
     if not docs:
         return None
+    B, T = idx.shape
+    ids = (idx == BOS_ID).cumsum(1)
+    if ATTN["name"] == "flex":  # the kernel may read the mask on whole 128-blocks: ids padded past T
+        from torch.nn.attention.flex_attention import create_block_mask
+        ids = F.pad(ids, (0, -T % FLEX_BLOCK))
+        keep = lambda b, h, q, kv: (q >= kv) & (ids[b, q] == ids[b, kv])
+        eager_cuda = idx.is_cuda and not torch.compiler.is_compiling()  # (a compiled model fuses it anyway)
+        return create_block_mask(keep, B, None, T, T, device=idx.device, _compile=eager_cuda)
     if ATTN["name"] in ATTN_PACKAGES:
         starts = (idx == BOS_ID) | (torch.arange(T, device=idx.device) == 0)
         starts &= starts.cumsum(1) <= 1 + T // VARLEN_DOC_TOKENS  # a row's surplus documents merge in that row
@@ -674,7 +737,7 @@ def attend(q, k, v, layout=None):
         y = ATTN["module"].flash_attn_func(q, k, v, causal=True)
         return y[0] if isinstance(y, tuple) else y
     q, k, v = (x.transpose(1, 2) for x in (q, k, v))
-    if name == "flex":  # compiled on CUDA also in eager runs: unfused, it stores T x T scores
+    if name == "flex" and layout is not None:  # compiled on CUDA also in eager runs: unfused, it stores T x T scores
         from torch.nn.attention.flex_attention import flex_attention
         eager_cuda = q.is_cuda and not torch.compiler.is_compiling()
         if eager_cuda and "cuda" not in FLEX:
@@ -1261,11 +1324,10 @@ def input_groups(model):
 @dataclasses.dataclass
 class ExportPlan:
     """The export, decided once: `rounds` of (CastedLinear names, whether Hessians are collected first on the
-    model as quantized so far), (bits, SDClip k) per tensor, whether it calibrates, and the seconds for it."""
+    model as quantized so far), (bits, SDClip k) per tensor, and whether it calibrates."""
     rounds: list
     specs: dict
     calibrate: bool
-    reserve_s: float
 
 
 def export_plan(h, model):
@@ -1289,8 +1351,7 @@ def export_plan(h, model):
             rounds += [(names, True) for _ in range(1 + (h.gptq_loop_iters if is_crawler else 0)) for names in segment]
     if h.embed_gptq:  # last: the head's inputs come from every quantized block
         rounds.append((["tok_emb"], True))
-    calibrate = any(hessian for _, hessian in rounds)
-    return ExportPlan(rounds, specs, calibrate, h.gptq_reserve_seconds if calibrate else 0.0)
+    return ExportPlan(rounds, specs, any(hessian for _, hessian in rounds))
 
 
 def quantize_model(model, plan, h, batches, run, hessians):
@@ -1637,10 +1698,14 @@ def window_rows(tokens, wins, rows, length, device):
     return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
 
 
-def score_rows(model, x, mask, luts, autocast):
-    """Per-token NLL of the rows x, and float64 per-row sums [rows, (nll, tokens, bytes)] of the masked targets."""
+def score_rows(model, x, mask, luts, autocast, dynamic=False):
+    """Per-token NLL of the rows x, and float64 per-row sums [rows, (nll, tokens, bytes)] of the masked targets;
+    `dynamic`: rows and width are marked as varying (one compiled graph for all)."""
+    idx, tgt = x[:, :-1], x[:, 1:]
+    for t in (idx, tgt) if dynamic else ():
+        torch._dynamo.mark_dynamic(t, (0, 1))
     with autocast:
-        nll = model(x[:, :-1], x[:, 1:])
+        nll = model(idx, tgt)
     nbytes = token_bytes(x[:, 1:], x[:, :-1], luts)
     return nll, torch.stack([(nll.detach().double() * mask).sum(1), mask.sum(1).double(),
                              (nbytes * mask).sum(1).double()], 1)
@@ -1669,7 +1734,9 @@ def as_metrics(sums, tokens):
 
 
 def score_across_ranks(model, tokens, wins, luts, h, run, label=None):
-    """Each rank scores its share of `wins` in eval mode (progress under `label`); sums all-reduced."""
+    """Each rank scores its share of `wins` in eval mode (progress under `label`); sums all-reduced. Flex runs in
+    the model as written, not compiled whole: there its no-grad graph hit an illegal memory access (torch 2.11)."""
+    model = getattr(model, "_orig_mod", model) if ATTN["name"] == "flex" else model
     model.eval()
     mine = wins[run.rank * len(wins) // run.world:(run.rank + 1) * len(wins) // run.world]
     progress = Progress(run.log, label, sum(n - first for _, first, n in mine), "tokens") if label else None
@@ -1761,8 +1828,8 @@ def ttt_lora(model, runner, tokens, luts, h, run):
              for n_in in [m.in_features for m in lin] + [h.model_dim]]
     params = list(model.parameters())
     sgd = torch.optim.SGD(params, lr=h.ttt_phase_lr, momentum=h.ttt_momentum)
-    # one graph for all rows and widths (padded to 2: a 1 would be specialised)
-    lora_runner = torch.compile(model, dynamic=True, fullgraph=h.compile_fullgraph) if h.compile else model
+    # one graph for all rows and widths (padded to 2: a 1 would be specialised); only those dims are symbolic
+    lora_runner = torch.compile(model, fullgraph=h.compile_fullgraph) if h.compile else model
 
     def attach(rows, inits):
         """Fresh adapters (A from `inits`, B zero) for `rows` documents on every target, and their AdamW."""
@@ -1770,6 +1837,8 @@ def ttt_lora(model, runner, tokens, luts, h, run):
         for m, A0 in zip(lin + [None], inits):
             A = A0.expand(rows, -1, -1).clone().requires_grad_()
             B = torch.zeros(rows, h.vocab_size if m is None else m.out_features, r, device=run.device, requires_grad=True)
+            torch._dynamo.mark_dynamic(A, 0)
+            torch._dynamo.mark_dynamic(B, 0)
             adapters.append((A, B))
             if m is None:
                 model.head_lora = (A, B)
@@ -1781,7 +1850,7 @@ def ttt_lora(model, runner, tokens, luts, h, run):
 
     def step(opt, x, mask, learn):
         """Scores the rows (sums returned; grad on: one graph), then if `learn` an AdamW step on those targets."""
-        nll, rows = score_rows(lora_runner, x, mask, luts, run.autocast)
+        nll, rows = score_rows(lora_runner, x, mask, luts, run.autocast, dynamic=h.compile)
         if learn:
             opt.zero_grad()
             ((nll * mask).sum() / C).backward()
@@ -1955,7 +2024,8 @@ def deferred_signals():
             signal.signal(s, handler)
 
 
-Trained = collections.namedtuple("Trained", "steps train_ms ema loader signum", defaults=(0,))  # signum: what interrupted
+Trained = collections.namedtuple("Trained", "steps train_ms ema loader signum end", defaults=(0, 0.0))
+Trained.__doc__ = "signum: what interrupted training; end: perf_counter() when training stopped"
 
 
 def train(h, run, model, compiled, val, plan):
@@ -1975,14 +2045,19 @@ def train(h, run, model, compiled, val, plan):
     graphs = compile_stats()
     run.log(f"warmup: {h.warmup_steps} steps per route (compile) in {time.perf_counter() - t:.1f}s, state restored | "
             f"{graphs[0]} graphs, {graphs[1]} graph breaks")
-
-    budget_ms = 1000 * max(h.max_wallclock_seconds - plan.reserve_s, 0.0) if h.max_wallclock_seconds else 0.0
-    train_ms, step, elapsed, stop, signum = 0.0, 0, 0.0, h.iterations == 0, 0
+    reserve = export_reserve(h, run, model, ema, plan)
+    budget_ms = 1000 * (h.max_wallclock_seconds - reserve)
+    if h.max_wallclock_seconds and budget_ms <= 0:
+        raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} leaves no training time after the export's "
+                          f"{reserve:.1f}s of calibration and quantization; raise it")
+    train_ms, step, elapsed, stop, signum, last = 0.0, 0, 0.0, h.iterations == 0, 0, 0.0
+    graphs = compile_stats()  # (the reserve's eager forward may compile flex)
+    run.log.commit()  # the run has started: its log keeps the RUN_ID
     run.sync()
     t0 = time.perf_counter()
     with deferred_signals() as signals:
         while not stop:
-            progress = elapsed / budget_ms if budget_ms else step / h.iterations
+            progress = elapsed / budget_ms if h.max_wallclock_seconds else step / h.iterations
             lr_mult, momentum = schedule(step, progress, h)
             if model.looping != (progress >= h.crawler_start_frac):
                 model.looping = not model.looping
@@ -1995,7 +2070,12 @@ def train(h, run, model, compiled, val, plan):
             loss = trainer.step(loader.next_step(micro_seqs, accum), lr_mult, momentum)
             step += 1
             own = train_ms + 1000 * (time.perf_counter() - t0)
-            elapsed, stop, signum = run.agree(own, step >= h.iterations or 0 < budget_ms <= own, signals[0] if signals else 0)
+            if h.max_wallclock_seconds and own + 2 * (own - last) > budget_ms:  # near the end: the GPU's time, not the
+                run.sync()  # host's, which may run a step ahead
+                own = train_ms + 1000 * (time.perf_counter() - t0)
+            full = h.max_wallclock_seconds and own + (own - last) > budget_ms  # a next step would end past the budget
+            elapsed, stop, signum = run.agree(own, step >= h.iterations or full, signals[0] if signals else 0)
+            last = own
             stop = stop or signum > 0
             if step % h.train_log_every == 0 or stop or step <= 5:
                 loss = run.all_reduce(loss) / run.world  # the mean over all ranks' micro-batches
@@ -2008,7 +2088,8 @@ def train(h, run, model, compiled, val, plan):
                 timed_eval(run, {}, f"step {step}", None, lambda: evaluate(compiled, val.tokens, val.luts, h, run))
                 model.looping, t0 = looping, time.perf_counter()
     run.sync()
-    train_ms += 1000 * (time.perf_counter() - t0)
+    end = time.perf_counter()
+    train_ms += 1000 * (end - t0)
     model.set_qat(0)
     model.looping = True  # export and every evaluation run all loops
     run.log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)"
@@ -2016,7 +2097,7 @@ def train(h, run, model, compiled, val, plan):
     new = [b - a for a, b in zip(graphs, compile_stats())]
     if any(new):
         run.log(f"warning: {new[0]} graphs compiled and {new[1]} graph breaks during training (recompiles cost time)")
-    return Trained(step, train_ms, ema, loader, signum)
+    return Trained(step, train_ms, ema, loader, signum, end)
 
 
 def ranks_identical(run, model, ema):
@@ -2031,11 +2112,61 @@ def ranks_identical(run, model, ema):
     return len(set(digests)) == 1
 
 
-def calibration_batches(h, loader, world):
-    """GPTQ_CALIB_TOKENS of fresh training windows, split across ranks."""
+def calibration_layout(h, world):
+    """(sequences per batch, batches) per rank: GPTQ_CALIB_TOKENS split across ranks, in micro-batches at most."""
     seqs = max(1, h.gptq_calib_tokens // (h.train_seq_len * world))
     per_batch = max(1, min(seqs, batch_layout(h, world)[0]))
-    return list(loader.next_step(per_batch, -(-seqs // per_batch)))
+    return per_batch, -(-seqs // per_batch)
+
+
+def quantize_for_export(h, run, model, ema, plan, batches, path):
+    """From the end of training to the last use of training data: EMA weights in, the float checkpoint saved to
+    `path` (first: a failure later keeps the weights), calibration windows `batches()`, quantization. Returns
+    (float weights on the CPU, qstate, Hessians)."""
+    if ema is not None:
+        ema.copy_to(model)
+    ckpt = float_checkpoint(h, model)
+    if run.rank == 0 and path:
+        save_atomic(ckpt, path)
+    qstate = quantize_model(model, plan, h, batches() if plan.calibrate else [], run, hessians := {})
+    run.sync()
+    return ckpt["model"], qstate, hessians
+
+
+RESERVE_MARGIN = 1.1  # the measurement runs cold (first launches and allocations); the export after training is faster
+
+
+def export_reserve(h, run, model, ema, plan):
+    """Seconds training leaves for the export's use of training data: GPTQ_RESERVE_SECONDS, or measured here on the
+    real shapes (rank check, checkpoint, calibration on random tokens, quantization; the slowest rank) x
+    RESERVE_MARGIN. 0 when nothing calibrates or no wall clock caps training."""
+    if not (plan.calibrate and h.max_wallclock_seconds):
+        return 0.0
+    if h.gptq_reserve_seconds:
+        run.log(f"export reserve: {h.gptq_reserve_seconds:.1f}s (GPTQ_RESERVE_SECONDS)")
+        return h.gptq_reserve_seconds
+    per_batch, count = calibration_layout(h, run.world)
+    tokens = torch.randint(0, h.vocab_size, (count, per_batch, h.train_seq_len + 1), generator=torch.Generator().manual_seed(1))
+    batches = lambda: [(t[:, :-1].to(run.device), t[:, 1:].to(run.device)) for t in tokens]
+    path = os.path.join("logs", f"{h.run_id}_reserve.pt") if h.save_checkpoint else None
+    with rolled_back(model, []), heartbeat(run.log, "export reserve: measuring"):
+        with torch.no_grad(), run.autocast:
+            model(*batches()[0])  # the eager model's first-call costs (flex compiles there) are not the export's
+        run.sync()
+        t = time.perf_counter()
+        ranks_identical(run, model, ema)
+        quantize_for_export(h, run, model, ema, plan, batches, path)
+        secs = run.most(time.perf_counter() - t)
+    if path and run.rank == 0:
+        os.remove(path)
+    run.log(f"export reserve: {RESERVE_MARGIN * secs:.1f}s = {secs:.1f}s measured (checkpoint, calibration, "
+            f"{h.quant_method}) x {RESERVE_MARGIN}; training stops by {h.max_wallclock_seconds - RESERVE_MARGIN * secs:.1f}s")
+    return RESERVE_MARGIN * secs
+
+
+def calibration_batches(h, loader, world):
+    """GPTQ_CALIB_TOKENS of fresh training windows, split across ranks."""
+    return list(loader.next_step(*calibration_layout(h, world)))
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2066,9 +2197,11 @@ def prepare(h, run):
     code = open(__file__, "rb").read()
     gpu = torch.cuda.get_device_name(run.device) if run.is_cuda else "cpu"
     attention = select_attention(h.attention, h.doc_attention)
-    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu} | attention: {attention}")
+    threads = "" if run.is_cuda else f" ({torch.get_num_threads()} threads)"
+    run.log(f"run {h.run_id} | torch {torch.__version__} | {run.world} x {gpu}{threads} | attention: {attention}")
     if h.unknown_env:
-        run.log(f"warning: unknown environment variables (typos?) ignored: {', '.join(h.unknown_env)}")
+        run.log("warning: unknown environment variables (typos?) ignored: " +
+                ", ".join(k + (f" (did you mean {m}?)" if m else "") for k, m in h.unknown_env.items()))
     torch.manual_seed(h.seed)
     np.random.seed(h.seed)
     if run.is_cuda:
@@ -2076,8 +2209,9 @@ def prepare(h, run):
         torch.backends.cudnn.allow_tf32 = True
     torch._dynamo.config.cache_size_limit = 64  # Newton-Schulz compiles once per matrix shape
     select_sdpa_backend(h.sdpa_backend)
-    luts = [t.to(run.device) for t in load_tokenizer_luts(h.tokenizer_path, h.vocab_size)]
-    val = ValData(load_val_tokens(h.data_path, h.vocab_size), luts)
+    sp, tokens = load_tokenizer(h.tokenizer_path, h.vocab_size), load_val_tokens(h.data_path, h.vocab_size)
+    check_tokenizer(sp, tokens, h)
+    val = ValData(tokens, [t.to(run.device) for t in byte_luts(sp, h.vocab_size)])
     run.log(f"val: {len(val.tokens):,} tokens from {h.data_path}")
     model = GPT(h).to(run.device)
     n_params = sum(p.numel() for p in model.parameters())
@@ -2093,8 +2227,9 @@ def prepare(h, run):
                 "configuration is meant for GPUs (SMOKE=1 bash run.sh is a CPU-sized run)")
     compiled = torch.compile(model, dynamic=False, fullgraph=h.compile_fullgraph) if h.compile else model
     result = dict(model_params=n_params, world_size=run.world, gpu=gpu, torch_version=torch.__version__, seed=h.seed,
-                  attention=ATTN["name"], code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code),
-                  quant_method=h.quant_method)
+                  attention=ATTN["name"], code_sha256=hashlib.sha256(code).hexdigest(), code_bytes=len(code))
+    if not h.eval_only:
+        result["quant_method"] = h.quant_method
     return val, model, compiled, result
 
 
@@ -2113,6 +2248,7 @@ def train_or_load(h, run, model, compiled, val, plan, state, result):
     """Trains, or loads the EXPORT_FROM weights; checks that every rank holds the same weights."""
     if h.export_from:
         load_weights(model, state, f"EXPORT_FROM={h.export_from}")
+        run.log.commit()
         run.log(f"export from {h.export_from} (no training)")
         trained = Trained(0, 0.0, None, train_loader(h, run))
     else:
@@ -2148,29 +2284,36 @@ def artifact_sizes(path, code_bytes):
 
 
 def export(h, run, model, trained, plan, result):
-    """EMA weights in; calibration and quantization inside the training budget; checkpoint and artifact
-    via temp files. Returns (artifact path, live weights or None, float weights)."""
+    """EMA weights in; checkpoint, calibration and quantization inside the training budget; artifact via a temp
+    file. A failure or interrupt after the checkpoint says how to export it. Returns (artifact path, live weights
+    or None, float weights)."""
     live = {k: v.detach().clone() for k, v in model.state_dict().items()} if trained.ema is not None else None
-    if trained.ema is not None:
-        trained.ema.copy_to(model)
-    ckpt = float_checkpoint(h, model)  # float weights, on the CPU
-    t = time.perf_counter()
-    batches = calibration_batches(h, trained.loader, run.world) if plan.calibrate else []
-    qstate = quantize_model(model, plan, h, batches, run, hessians := {})
-    run.sync()
-    quant_s = time.perf_counter() - t  # calibration data all read
-    data_s = trained.train_ms / 1000 + quant_s if trained.steps and h.max_wallclock_seconds else None
-    run.log(f"quantize: {h.quant_method} in {quant_s:.1f}s" + (f"; training data last read at {data_s:.1f}s of the "
-            f"{h.max_wallclock_seconds:.0f}s budget" if data_s is not None else ""))
-    if data_s is not None and data_s > h.max_wallclock_seconds:
-        run.log(f"warning: training + calibration took {data_s:.1f}s > MAX_WALLCLOCK_SECONDS; raise GPTQ_RESERVE_SECONDS")
-    if run.rank == 0 and h.save_checkpoint:  # first: a failed export keeps the weights
-        save_atomic(ckpt, os.path.join("logs", f"{h.run_id}_model.pt"))
+    path = os.path.join("logs", f"{h.run_id}_model.pt") if h.save_checkpoint else None
+    try:
+        t = time.perf_counter()
+        floats, qstate, hessians = quantize_for_export(h, run, model, trained.ema, plan,
+                                                       lambda: calibration_batches(h, trained.loader, run.world), path)
+        result["quant_s"] = quant_s = time.perf_counter() - t
+        data_s = trained.train_ms / 1000 + run.most(time.perf_counter() - trained.end) if trained.steps else None
+        run.log(f"quantize: {h.quant_method} in {quant_s:.1f}s" + (f"; training data last read at {data_s:.1f}s of the "
+                f"{h.max_wallclock_seconds:.0f}s budget" if data_s is not None and h.max_wallclock_seconds else ""))
+        if data_s is not None and 0 < h.max_wallclock_seconds < data_s:
+            run.log(f"warning: training + export read training data until {data_s:.1f}s > MAX_WALLCLOCK_SECONDS")
+        return write_export(h, run, model, floats, qstate, hessians, plan, result) + (live, floats)
+    except BaseException as e:
+        if path and os.path.exists(path):
+            run.log(f"export stopped ({type(e).__name__}); the trained weights are saved: export them with "
+                    f"EXPORT_FROM={path} python3 train_gpt.py")
+        raise
+
+
+def write_export(h, run, model, floats, qstate, hessians, plan, result):
+    """QUANT_FIT, then the compressed artifact. Returns (artifact path,)."""
     artifact, packed = os.path.join("logs", f"{h.run_id}_model.ptz"), None
     if h.quant_fit:
         t = time.perf_counter()
         budget = h.max_artifact_bytes - result["code_bytes"]
-        qstate, packed, result["quant_fit_scale"] = fit_to_budget(model, ckpt["model"], plan, h, hessians, run, qstate, budget)
+        qstate, packed, result["quant_fit_scale"] = fit_to_budget(model, floats, plan, h, hessians, run, qstate, budget)
         result["quant_fit_s"] = time.perf_counter() - t
     t = time.perf_counter()
     if run.rank == 0:
@@ -2179,11 +2322,11 @@ def export(h, run, model, trained, plan, result):
                                                                               h.compressor, packed)
     if run.world > 1:
         dist.barrier(group=run.ctrl)
-    result.update(quant_s=quant_s, compress_s=time.perf_counter() - t, **artifact_sizes(artifact, result["code_bytes"]))
+    result.update(compress_s=time.perf_counter() - t, **artifact_sizes(artifact, result["code_bytes"]))
     result["bits_per_weight"] = 8 * result["model_bytes"] / quantized_weights(qstate)
     run.log(f"artifact: {artifact} {result['model_bytes']:,} bytes ({result.get('compressed_bytes', h.compressor)}) + code "
             f"{result['code_bytes']:,} = {result['artifact_bytes']:,} bytes; {result['bits_per_weight']:.3f} bits per weight")
-    return artifact, live, ckpt["model"]
+    return (artifact,)
 
 
 def score(h, run, model, compiled, val, result, label):
@@ -2238,6 +2381,7 @@ def main(environ, log):
     val, model, compiled, result = prepare(h, run)
     if h.eval_only:
         load_weights(model, dequantize(start), f"EVAL_ONLY={h.eval_only}")
+        run.log.commit()
         result.update(artifact_sizes(h.eval_only, result["code_bytes"]))
         code = finish(h, run, result, score(h, run, model, compiled, val, result, f"artifact {h.eval_only}"))
     else:
@@ -2254,15 +2398,16 @@ def cli(environ=os.environ):
     try:
         return main(environ, log)
     except ConfigError as e:
-        log.error(str(e))
+        log.fail(str(e))
         return 2
     except KeyboardInterrupt:
-        log.error("interrupted outside the training loop; files already written under logs/ are complete")
+        log.fail("interrupted outside the training loop; files already written under logs/ are complete")
         return 130
     except Exception as e:
-        log.error(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]} (traceback below)")
+        log.fail(f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0]} (traceback below)")
         raise
 
 
 if __name__ == "__main__":
+    signal.signal(signal.SIGTERM, signal.default_int_handler)  # (torchrun's stop) outside training: as Ctrl-C
     sys.exit(cli())

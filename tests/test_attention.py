@@ -216,3 +216,48 @@ def test_masked_sdpa_gets_full_heads(monkeypatch):
     masked, plain = T.attend(q, k, v, T.attention_layout(packed_idx(), True)), T.attend(q, k, v)
     assert seen == [(4, False, False), (2, True, True)]
     assert torch.allclose(masked[0, :5], plain[0, :5], atol=1e-6) and not torch.allclose(masked[0, 5:], plain[0, 5:])
+
+
+def test_flex_document_mask_is_defined_on_whole_blocks():
+    """The compiled flex kernel evaluates the mask on whole 128-position blocks; at a window length that is not a
+    multiple of 128 (an eval's last window) an unpadded table of document ids was read past its end: an illegal
+    memory access on the GPU, an IndexError here."""
+    idx = packed_idx(T=200, starts=((0, 77, 150), (3,)))
+    T.ATTN["name"], name = "flex", T.ATTN["name"]
+    try:
+        mask = T.attention_layout(idx, True)
+    finally:
+        T.ATTN["name"] = name
+    edge = torch.tensor(T.FLEX_BLOCK * 2 - 1)  # the last position of the last, partial block
+    for b in (0, 1):
+        assert not mask.mask_mod(torch.tensor(b), torch.tensor(0), edge, torch.tensor(5))  # padding: hidden, no read error
+        assert mask.mask_mod(torch.tensor(b), torch.tensor(0), torch.tensor(199), torch.tensor(150 if b == 0 else 3))
+    assert not mask.mask_mod(torch.tensor(0), torch.tensor(0), torch.tensor(199), torch.tensor(149))
+
+
+def test_every_backend_auto_can_pick_scores_the_same_eval(fa4, monkeypatch):
+    """The evaluation after export through each kernel ATTENTION=auto can choose (FlashAttention varlen here by the
+    stand-in, flex, masked SDPA), document masks on, with a last window shorter than the others and not a multiple of
+    flex's block: every backend scores every target, and all agree."""
+    from conftest import tiny_hparams
+    h = tiny_hparams(DOC_ATTENTION=1, TRAIN_SEQ_LEN=192, EVAL_BATCH_SEQS=4)
+    torch.manual_seed(0)
+    model = T.GPT(h)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn(p.shape, generator=g))
+    tokens = torch.randint(2, 500, (192 * 5 + 71,), generator=g).numpy()
+    tokens[::97] = T.BOS_ID
+    luts = (torch.ones(512, dtype=torch.long), torch.zeros(512, dtype=torch.bool), torch.zeros(512, dtype=torch.bool))
+    scores = {}
+    for name in ("fa4", "flex", "sdpa"):
+        monkeypatch.setitem(T.ATTN, "name", name)
+        scores[name] = T.evaluate(model, tokens, luts, h, T.Run())
+    assert {s["val_tokens"] for s in scores.values()} == {len(tokens) - 1}
+    losses = [s["val_loss"] for s in scores.values()]
+    assert max(losses) - min(losses) < 1e-5, scores
+    # flex scores through the model torch.compile wraps (its whole-model no-grad graph crashed on the GPU)
+    compiled = types.SimpleNamespace(_orig_mod=model)
+    monkeypatch.setitem(T.ATTN, "name", "flex")
+    assert T.evaluate(compiled, tokens, luts, h, T.Run()) == scores["flex"]

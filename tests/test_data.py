@@ -93,16 +93,51 @@ def test_bad_data_fails_with_one_line(corpus, tmp_path, case):
 @pytest.mark.parametrize("split", ["val", "train"])
 def test_token_ids_beyond_the_vocab_stop_at_start_up(corpus, tmp_path, split):
     """Shards of a larger tokenizer: one line naming the file, the largest id and VOCAB_SIZE, also as the
-    last line of the run's log (the run had started), instead of an IndexError mid-run."""
+    last line of the failed run's log, instead of an IndexError mid-run."""
     data = tmp_path / "data"
     shutil.copytree(corpus[0], data)
     path = data / f"fineweb_{split}_000000.bin"
     tokens = T.open_shard(path).copy()
     tokens[len(tokens) // 2] = 700
     write_shard(path, tokens)
-    line, log = error_of(tiny_env(corpus, DATA_PATH=data, RUN_ID="ids", ITERATIONS=1), tmp_path,
-                         f"fineweb_{split}_000000.bin", "token id 700", "VOCAB_SIZE=512")
-    assert log.strip().splitlines()[-1] == line  # the log of the failed run says why it stopped
+    line, _ = error_of(tiny_env(corpus, DATA_PATH=data, RUN_ID="ids", ITERATIONS=1), tmp_path,
+                       f"fineweb_{split}_000000.bin", "token id 700", "VOCAB_SIZE=512", "(log: logs/ids_failed.txt)")
+    assert (tmp_path / "logs/ids_failed.txt").read_text().strip().splitlines()[-1] == line  # says why it stopped
+
+
+def test_an_error_before_training_leaves_the_run_id_free(corpus, tmp_path):
+    """A run that fails before training starts keeps its log as logs/<RUN_ID>_failed.txt (later failures append),
+    so the same RUN_ID runs once the input is fixed; a run that trained keeps its RUN_ID."""
+    bad = tiny_env(corpus, RUN_ID="again", ITERATIONS=1, QUANT_METHOD="rtn", EVAL_STRIDE=0, DATA_PATH=tmp_path / "none")
+    for _ in range(2):
+        error_of(bad, tmp_path, "no such folder", "(log: logs/again_failed.txt)")
+    assert (tmp_path / "logs/again_failed.txt").read_text().count("error:") == 2
+    rc, err, final, _ = cli(dict(bad, DATA_PATH=str(corpus[0])), tmp_path)
+    assert rc == 0 and final["steps"] == 1, err
+    error_of(bad, tmp_path, "RUN_ID=again is taken")
+
+
+def test_shards_of_another_tokenizer_stop_at_start_up(corpus, tmp_path):
+    """Shards and TOKENIZER_PATH from different tokenizers give a wrong bpb silently: ids beyond the tokenizer's
+    pieces, or ids within them that decode to text re-encoding otherwise, stop the run before training."""
+    import sentencepiece as spm
+    data, tok, docs = corpus
+    spm.SentencePieceTrainer.train(sentence_iterator=iter(docs[3:] * 3), model_prefix=str(tmp_path / "other"),
+                                   vocab_size=400, model_type="bpe", byte_fallback=True, bos_id=1, eos_id=2, unk_id=3,
+                                   pad_id=0, minloglevel=2)
+    other = str(tmp_path / "other.model")
+    error_of(tiny_env(corpus, TOKENIZER_PATH=other, RUN_ID="a"), tmp_path, f"do not come from TOKENIZER_PATH={other}",
+             "val token id", "400 pieces")
+    mine = tmp_path / "mine"  # val shards of the 400-piece tokenizer, read with the corpus's 512-piece one
+    mine.mkdir()
+    sp = spm.SentencePieceProcessor(model_file=other)
+    write_shard(mine / "fineweb_val_000000.bin", np.concatenate([[T.BOS_ID] + sp.encode(d) for d in docs[:12]]))
+    shutil.copy(data / "fineweb_train_000000.bin", mine)
+    error_of(tiny_env(corpus, DATA_PATH=mine, RUN_ID="b"), tmp_path, f"do not come from TOKENIZER_PATH={tok}",
+             "sample documents re-encode to other ids")
+    rc, err, _, _ = cli(tiny_env(corpus, DATA_PATH=mine, TOKENIZER_PATH=other, RUN_ID="c", ITERATIONS=1,
+                                 QUANT_METHOD="rtn", EVAL_STRIDE=0), tmp_path)
+    assert rc == 0, err  # the matching pair runs
 
 
 @pytest.mark.parametrize("var,value,needle", [
@@ -126,9 +161,11 @@ def test_bad_setting_fails_with_one_line(corpus, tmp_path, var, value, needle):
     error_of(env, tmp_path, needle)
 
 
-def test_unknown_variable_sharing_a_prefix_is_reported():
-    h = T.Hyperparameters({"CRAWLER_LOOP": "3", "EVAL_STIDE": "64", "HOME": "/root", "CRAWLER_LOOPS": "2"})
-    assert h.unknown_env == ["CRAWLER_LOOP", "EVAL_STIDE"]
+def test_unknown_variable_sharing_a_prefix_or_close_to_ours_is_reported():
+    env = {"CRAWLER_LOOP": "3", "EVAL_STIDE": "64", "HOME": "/root", "CRAWLER_LOOPS": "2", "ITERATONS": "9",
+           "LOCAL_WORLD_SIZE": "2", "MASTER_PORT": "1", "OMP_NUM_THREADS": "1", "PROFILE_AT": "5"}
+    assert T.Hyperparameters(env).unknown_env == {"CRAWLER_LOOP": "CRAWLER_LOOPS", "EVAL_STIDE": "EVAL_STRIDE",
+                                                  "ITERATONS": "ITERATIONS"}
 
 
 def test_a_used_run_id_is_refused_and_nothing_is_touched(corpus, finished, tmp_path):

@@ -86,6 +86,9 @@ def test_presets_parse(tmp_path):
     model = T.GPT(h)
     assert len(model.blocks) == 11 and len(model.schedule) == 17 and h.vocab_size == 8192
     assert sum(p.numel() for p in model.parameters()) > 35e6  # the record's 36M, plus our BigramHash and control rows
+    # scored by phased TTT with the settings measured best, no sliding eval; the export reserve measured
+    assert (h.ttt, h.ttt_lora_rank, h.ttt_lora_lr, h.ttt_lora_chunk, h.ttt_lora_wd, h.ttt_lora_beta1, h.ttt_phase_docs,
+            h.eval_stride, h.gptq_reserve_seconds) == ("phased", 96, 1.5e-4, 48, 1.0, 0.0, 1500, h.eval_seq_len, 0.0)
 
 
 def test_smoke_run_end_to_end(tmp_path):
@@ -100,7 +103,7 @@ def test_smoke_run_end_to_end(tmp_path):
     final = log.read_text().strip().splitlines()[-1]
     assert final.startswith('{"event": "final"') and '"steps": 60' in final
     # the record preset at smoke sizes: its layout and switches, the smoke width, vocabulary and data
-    env.update(ITERATIONS="4", QUANT_METHOD="rtn", EVAL_STRIDE="0", RUN_ID="smoke_record")
+    env.update(ITERATIONS="4", QUANT_METHOD="rtn", EVAL_STRIDE="0", TTT="off", RUN_ID="smoke_record")  # TTT: test_eval
     proc = subprocess.run(["bash", "run.sh", "record"], cwd=work, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     final = json.loads((work / "logs/smoke_record.txt").read_text().strip().splitlines()[-1])

@@ -209,3 +209,51 @@ def test_full_config_on_cpu_warns(corpus):
     lines.clear()
     T.prepare(tiny_hparams(DATA_PATH=str(data), TOKENIZER_PATH=str(tok)), T.Run(log=lines.append))
     assert lines and not any("warning" in ln for ln in lines)
+
+
+def test_measured_export_reserve_keeps_calibration_inside_the_budget(corpus, tmp_path, monkeypatch):
+    """GPTQ_RESERVE_SECONDS unset: the export (checkpoint, calibration, quantization) is timed once before the clock
+    starts, and training stops early enough for it: here it takes 4 s on a fake clock (training steps 1 s each), so
+    with the 1.1 margin a 10 s budget trains until 5.6 s (5 steps) and the training data is last read at 9 s."""
+    clock, real_step, real_quantize = [0.0], T.Trainer.step, T.quantize_model
+
+    def step(self, *args):
+        clock[0] += 1.0
+        return real_step(self, *args)
+
+    def quantize(*args):
+        clock[0] += 4.0
+        return real_quantize(*args)
+
+    monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(T.Trainer, "step", step)
+    monkeypatch.setattr(T, "quantize_model", quantize)
+    env = tiny_env(corpus, RUN_ID="measured", ITERATIONS=30, MAX_WALLCLOCK_SECONDS=10, QUANT_METHOD="gptq",
+                   EMA_DECAY=0, EVAL_STRIDE=0)
+    rc, err, final, log = cli(env, tmp_path)
+    assert rc == 0, err
+    assert "export reserve: 4.4s = 4.0s measured" in log and "training stops by 5.6s" in log
+    assert final["steps"] == 5 and "training data last read at 9.0s of the 10s budget" in log
+    assert not list((tmp_path / "logs").glob("measured_reserve*"))  # the measurement's checkpoint is gone
+
+
+@pytest.mark.parametrize("target,error,code", [("quantize_model", KeyboardInterrupt, 130), ("compress", RuntimeError, None)])
+def test_weights_are_saved_before_quantization_and_survive_its_failure(corpus, tmp_path, monkeypatch, target, error, code):
+    """An interrupt during GPTQ or a crash in compression: the float checkpoint is already on disk, the log says how
+    to export it, and EXPORT_FROM does."""
+    def fail(*args, **kwargs):
+        raise error("stop here")
+    monkeypatch.setattr(T, target, fail)
+    env = tiny_env(corpus, RUN_ID="kept", ITERATIONS=3, EVAL_STRIDE=0, QUANT_METHOD="rtn")
+    if code is None:
+        with pytest.raises(error):
+            cli(env, tmp_path)
+    else:
+        assert cli(env, tmp_path)[0] == code
+    log = (tmp_path / "logs/kept.txt").read_text()
+    assert (f"export stopped ({error.__name__}); the trained weights are saved: export them with "
+            "EXPORT_FROM=logs/kept_model.pt python3 train_gpt.py") in log
+    monkeypatch.undo()
+    rc, err, final, _ = cli(tiny_env(corpus, RUN_ID="exported", EXPORT_FROM=tmp_path / "logs/kept_model.pt",
+                                     QUANT_METHOD="rtn", EVAL_STRIDE=0), tmp_path)
+    assert rc == 0 and final["roundtrip_val_loss"] > 0, err
