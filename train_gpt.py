@@ -431,8 +431,8 @@ def start_run(h, log):
     device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))) if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    elif cpu_threads():
-        torch.set_num_threads(min(torch.get_num_threads(), cpu_threads()))
+    elif threads := cpu_threads():
+        torch.set_num_threads(min(torch.get_num_threads(), threads))
     ctrl = None
     if world > 1:
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", device_id=device if device.type == "cuda" else None)
@@ -614,16 +614,15 @@ def check_tokenizer(sp, tokens, h):
     """The val shards must come from this tokenizer, else every bpb is silently wrong: their ids within its pieces,
     and most sample documents (up to 4,096 tokens) re-encoding to the same ids (another tokenizer's ids do not)."""
     what = f"the shards in {h.data_path} do not come from TOKENIZER_PATH={h.tokenizer_path}"
+    fix = "point TOKENIZER_PATH at the model the shards were made with"
     top = int(tokens.max())
     if top >= sp.get_piece_size():
-        raise ConfigError(f"{what} (val token id {top}, the tokenizer has {sp.get_piece_size()} pieces); "
-                          "point TOKENIZER_PATH at the model the shards were made with")
+        raise ConfigError(f"{what} (val token id {top}, the tokenizer has {sp.get_piece_size()} pieces); {fix}")
     starts = np.flatnonzero(tokens == BOS_ID)
     docs = [tokens[a + 1:b].tolist() for a, b in zip(starts, starts[1:]) if b - a <= 4096][:SAMPLE_DOCS]
     differ = sum(sp.encode(sp.decode(d)) != d for d in docs)
     if differ * 2 > len(docs):
-        raise ConfigError(f"{what}: {differ} of {len(docs)} sample documents re-encode to other ids; "
-                          "point TOKENIZER_PATH at the model the shards were made with")
+        raise ConfigError(f"{what}: {differ} of {len(docs)} sample documents re-encode to other ids; {fix}")
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -2159,9 +2158,10 @@ def export_reserve(h, run, model, ema, plan):
         secs = run.most(time.perf_counter() - t)
     if path and run.rank == 0:
         os.remove(path)
-    run.log(f"export reserve: {RESERVE_MARGIN * secs:.1f}s = {secs:.1f}s measured (checkpoint, calibration, "
-            f"{h.quant_method}) x {RESERVE_MARGIN}; training stops by {h.max_wallclock_seconds - RESERVE_MARGIN * secs:.1f}s")
-    return RESERVE_MARGIN * secs
+    reserve = RESERVE_MARGIN * secs
+    run.log(f"export reserve: {reserve:.1f}s = {secs:.1f}s measured (checkpoint, calibration, {h.quant_method}) "
+            f"x {RESERVE_MARGIN}; training stops by {h.max_wallclock_seconds - reserve:.1f}s")
+    return reserve
 
 
 def calibration_batches(h, loader, world):
