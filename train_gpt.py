@@ -89,13 +89,14 @@ class Hyperparameters:
 
     # 0 or empty means "follows other settings": (setting, its value then), resolved in this order
     DERIVED = (("eval_seq_len", lambda h: h.train_seq_len), ("eval_stride", lambda h: h.eval_seq_len),
-               ("crawler_quant_bits", lambda h: h.quant_bits),
+               ("crawler_quant_bits", lambda h: h.quant_bits), ("ttt_lora_docs", lambda h: 64 * h.world),
                ("gptq_sdclip_k_attn", lambda h: h.gptq_sdclip_k), ("gptq_sdclip_k_mlp", lambda h: h.gptq_sdclip_k),
                ("data_path", lambda h: f"./data/datasets/fineweb10B_sp{h.vocab_size}"),  # the downloader's layout
                ("tokenizer_path", lambda h: f"./data/tokenizers/fineweb_{h.vocab_size}_bpe.model"))
 
     def __init__(self, environ=os.environ):
         r = EnvReader(environ)
+        self.world = int(environ.get("WORLD_SIZE", 1))  # torchrun's: derived per-rank batch sizes
         s = lambda n, d, **k: r.read(n, d, str, **k)
         i = lambda n, d, **k: r.read(n, d, int, **k)
         f = lambda n, d, **k: r.read(n, d, float, **k)
@@ -211,7 +212,7 @@ class Hyperparameters:
         self.ttt_lora_rank = i("TTT_LORA_RANK", 8, lo=1)
         self.ttt_lora_lr = f("TTT_LORA_LR", 0.001, lo=0)  # AdamW
         self.ttt_lora_chunk = i("TTT_LORA_CHUNK", 256, lo=1)  # lora: tokens scored per step within a document
-        self.ttt_lora_docs = i("TTT_LORA_DOCS", 64, lo=1)  # lora: documents per batch, all ranks together
+        self.ttt_lora_docs = i("TTT_LORA_DOCS", 0, lo=0)  # lora: documents per batch, all ranks together; 0 = 64 a rank
         self.ttt_lora_wd = f("TTT_LORA_WD", 0.0, lo=0)  # lora: AdamW weight decay of the adapters
         self.ttt_lora_beta1 = f("TTT_LORA_BETA1", 0.9, lo=0, hi=1)
         self.ttt_phases = i("TTT_PHASES", 3, lo=0)  # phased: global SGD phases over the documents scored so far
@@ -284,15 +285,23 @@ class Hyperparameters:
                 raise ConfigError(f"{name.upper()}={path}: no such file")
         if self.ttt == "sgd" and self.ttt_chunk_tokens % self.train_seq_len:
             raise ConfigError(f"TTT_CHUNK_TOKENS={self.ttt_chunk_tokens}: must be a multiple of TRAIN_SEQ_LEN={self.train_seq_len}")
-        if self.ttt == "phased" and self.ttt_phase_docs < self.ttt_phases * self.ttt_lora_docs:
-            raise ConfigError(f"TTT_PHASE_DOCS={self.ttt_phase_docs}: {self.ttt_phases} phases need at least "
-                              f"TTT_PHASES x TTT_LORA_DOCS = {self.ttt_phases * self.ttt_lora_docs} documents (a batch each)")
+        after = self.ttt_phase_batches()
+        if self.ttt == "phased" and len(set(after)) < len(after):
+            raise ConfigError(f"TTT_PHASE_DOCS={self.ttt_phase_docs}: two of the {self.ttt_phases} phases fall after the same "
+                              f"batch of TTT_LORA_DOCS={self.ttt_lora_docs} documents; TTT_PHASES x TTT_LORA_DOCS = "
+                              f"{self.ttt_phases * self.ttt_lora_docs} documents always give each its own batch")
         if self.ttt in ("lora", "phased") and self.ttt_lora_chunk > self.eval_seq_len:
             raise ConfigError(f"TTT_LORA_CHUNK={self.ttt_lora_chunk}: must be at most EVAL_SEQ_LEN={self.eval_seq_len} "
                               "(a window scores at most that many targets)")
         if self.eval_stride > self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         self.xsa_flags()
+
+    def ttt_phase_batches(self):
+        """The batch after which each phased-TTT phase runs: the one that brings the documents scored past
+        TTT_PHASE_DOCS x p / TTT_PHASES."""
+        return [math.ceil(self.ttt_phase_docs * (p + 1) / self.ttt_phases / self.ttt_lora_docs) - 1
+                for p in range(self.ttt_phases)]
 
     def xsa_flags(self):
         """One flag per unique block (flat blocks first, then crawler blocks)."""
@@ -310,7 +319,7 @@ class Hyperparameters:
 
     def as_dict(self):
         """Every setting; EVAL_ONLY: the artifact's shape and the evaluation's settings, none it was trained with."""
-        skip = {"unknown_env", "derived", "env", "model_keys", "train_keys", *(self.train_keys if self.eval_only else ())}
+        skip = {"unknown_env", "derived", "env", "model_keys", "train_keys", "world", *(self.train_keys if self.eval_only else ())}
         return {k: v for k, v in vars(self).items() if k not in skip}
 
 
@@ -1815,8 +1824,7 @@ def ttt_lora(model, runner, tokens, luts, h, run):
     starts = [int(s) for s in np.flatnonzero(tokens[:n] == BOS_ID)]
     docs = sorted([(a, b) for a, b in zip([0] + starts, starts + [n]) if b > a], key=lambda d: (d[1] - d[0], d[0]))
     batches = [docs[i:i + h.ttt_lora_docs] for i in range(0, len(docs), h.ttt_lora_docs)]
-    phase_after = {math.ceil(h.ttt_phase_docs * (p + 1) / h.ttt_phases / h.ttt_lora_docs) - 1: p
-                   for p in range(h.ttt_phases if phased else 0)}
+    phase_after = {j: p for p, j in enumerate(h.ttt_phase_batches() if phased else [])}
     phase_after = {j: p for j, p in phase_after.items() if j < len(batches) - 1}  # a later batch must gain
     # positions each batch runs (windows reach back up to L), for the time projection
     work = [len(bt) * sum(min(L, k + C) for k in range(0, max(b - a for a, b in bt), C)) for bt in batches]
@@ -2050,6 +2058,7 @@ def train(h, run, model, compiled, val, plan):
         raise ConfigError(f"MAX_WALLCLOCK_SECONDS={h.max_wallclock_seconds:g} leaves no training time after the export's "
                           f"{reserve:.1f}s of calibration and quantization; raise it")
     train_ms, step, elapsed, stop, signum, last = 0.0, 0, 0.0, h.iterations == 0, 0, 0.0
+    logged = (0, 0.0)  # (step, elapsed ms) at the last step line: the current step time is measured since it
     graphs = compile_stats()  # (the reserve's eager forward may compile flex)
     run.log.commit()  # the run has started: its log keeps the RUN_ID
     run.sync()
@@ -2079,7 +2088,9 @@ def train(h, run, model, compiled, val, plan):
             if step % h.train_log_every == 0 or stop or step <= 5:
                 loss = run.all_reduce(loss) / run.world  # the mean over all ranks' micro-batches
                 run.log(f"step {step} train_loss {loss.item():.4f} lr {lr_mult:.3f} {elapsed / step:.1f}ms/step "
+                        f"(now {(elapsed - logged[1]) / (step - logged[0]):.1f}) "
                         f"{step * h.train_batch_tokens / elapsed * 1000:,.0f} tok/s")
+                logged = (step, elapsed)
             if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
                 run.sync()
                 train_ms += 1000 * (time.perf_counter() - t0)

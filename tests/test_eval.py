@@ -264,8 +264,18 @@ def test_phased_ttt_skips_a_phase_without_a_full_row_and_refuses_shared_batches(
     tokens[[0, 40, 100]] = T.BOS_ID  # documents of 40, 60 and 200 tokens; the first phase sees only 40
     metrics, parts = ttt(trained, tokens, "phased", TTT_LORA_DOCS=1, TTT_PHASES=2, TTT_PHASE_DOCS=2)
     assert metrics["val_tokens"] == 300 and min(parts) == 0
-    with pytest.raises(T.ConfigError, match="TTT_PHASE_DOCS=100: 3 phases need at least TTT_PHASES x TTT_LORA_DOCS = 192"):
+    with pytest.raises(T.ConfigError, match="TTT_PHASE_DOCS=100: two of the 3 phases fall after the same batch of "
+                                            "TTT_LORA_DOCS=64 documents; TTT_PHASES x TTT_LORA_DOCS = 192"):
         hparams(TTT="phased", TTT_LORA_CHUNK=64, TTT_PHASE_DOCS=100)
+
+
+def test_lora_ttt_batches_64_documents_a_rank_unless_set():
+    """TTT_LORA_DOCS=0 (default) is 64 a rank: 8 GPUs keep 64 adapter rows each (not 8), and the record's
+    1,500 phase documents still fall after 3 distinct batches of 512 (500 < 512 documents a phase)."""
+    one, eight = (hparams(TTT="phased", TTT_LORA_CHUNK=64, TTT_PHASE_DOCS=1500, WORLD_SIZE=w) for w in (1, 8))
+    assert (one.ttt_lora_docs, eight.ttt_lora_docs) == (64, 512)
+    assert one.ttt_phase_batches() == [7, 15, 23] and eight.ttt_phase_batches() == [0, 1, 2]
+    assert hparams(TTT_LORA_DOCS=3, WORLD_SIZE=8).ttt_lora_docs == 3 and "world" not in eight.as_dict()
 
 
 def test_phased_ttt_on_two_ranks_scores_as_one(corpus, finished, tmp_path):

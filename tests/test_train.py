@@ -102,6 +102,27 @@ def test_wall_clock_budget_leaves_the_calibration_reserve(corpus, tmp_path, monk
     assert "sliding" not in log and "sliding_val_bpb" not in final  # EVAL_STRIDE=0: no sliding eval
 
 
+def test_step_lines_show_the_current_step_time_beside_the_mean(corpus, tmp_path, monkeypatch):
+    """A fake clock on which step s takes s seconds: each step line's `now` is the mean over the steps since
+    the previous line, beside the running mean over all steps."""
+    clock, real_step, steps = [0.0], T.Trainer.step, [0]
+
+    def step(self, *args):
+        steps[0] += 1
+        clock[0] += steps[0]
+        return real_step(self, *args)
+
+    monkeypatch.setattr(T.time, "perf_counter", lambda: clock[0])
+    monkeypatch.setattr(T.Trainer, "step", step)
+    env = tiny_env(corpus, RUN_ID="now", ITERATIONS=8, TRAIN_LOG_EVERY=4, WARMUP_STEPS=0, QUANT_METHOD="rtn", EVAL_STRIDE=0)
+    rc, err, final, log = cli(env, tmp_path)
+    assert rc == 0, err
+    lines = re.findall(r"^step (\d+) train_loss [\d.]+ lr [\d.]+ ([\d.]+)ms/step \(now ([\d.]+)\)", log, re.M)
+    got = {int(s): (float(mean), float(now)) for s, mean, now in lines}
+    assert got == {1: (1000, 1000), 2: (1500, 2000), 3: (2000, 3000), 4: (2500, 4000), 5: (3000, 5000),
+                   8: (4500, 7000)}
+
+
 def wait_for(path, text, proc):
     """Polls a log until `text` appears (the process must still be running)."""
     deadline = time.monotonic() + 600  # a safety net for a hung process, not a speed requirement
