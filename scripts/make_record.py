@@ -1,10 +1,10 @@
-"""Freeze finished train_gpt.py runs into a leaderboard record folder records/track_10min_16mb/<date>_<name>/.
+"""Freeze finished train_gpt.py runs into a leaderboard record folder records/track_<track>/<date>_<name>/.
 
 Usage:
   python3 scripts/make_record.py --name crawler_4f1c3 --author "Full Name" --github-id someone \\
       --logs logs/run_seed1337.txt logs/run_seed42.txt logs/run_seed7.txt \\
       [--script train_gpt.py] [--run-sh run.sh] [--hardware "8xH100 SXM"] [--blurb TEXT] [--date YYYY-MM-DD] \\
-      [--baseline-loss NATS] [--min-improvement 0.005] [--pack] [--out-root records/track_10min_16mb] [--force]
+      [--baseline-loss NATS] [--min-improvement 0.005] [--pack] [--track 10min_16mb] [--out-root DIR] [--force]
 
 Each log's last `{"event": "final", ...}` line is its result. The script must be the exact bytes the logs ran
 (sha256 == the log's code_sha256), the seeds must be distinct, and the runs must be one setup and one
@@ -26,8 +26,9 @@ train_gpt.unpacked.py) and counts its size as the code bytes; with --pack a log 
 packed copy (lzma output is deterministic).
 The folder is built in a temp dir next to the target and renamed into place. Exit 0 on success, 1 on error
 (one line `make_record: error: ...`). Without --script, --run-sh or --out-root the repository's train_gpt.py,
-run.sh and records/track_10min_16mb are used, wherever you run it from; paths you give are relative to the
-current directory.
+run.sh and records/track_<track> are used, wherever you run it from; paths you give are relative to the
+current directory. --track names what the runs qualify for (submission.json's "track"): the challenge's
+10min_16mb (default), or e.g. non_record_proxy for runs on other data or hardware.
 """
 import argparse
 import base64
@@ -47,7 +48,6 @@ import tempfile
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-TRACK = "10min_16mb"
 FINAL_PREFIX = '{"event": "final"'
 LZMA_FILTERS = [{"id": lzma.FILTER_LZMA2, "preset": 9 | lzma.PRESET_EXTREME}]
 WRAPPER = ('import lzma,base64;exec(lzma.decompress(base64.b85decode(b"{payload}"),format=lzma.FORMAT_RAW,'
@@ -366,7 +366,7 @@ def submission(a, runs, totals, code_bytes, hardware, torch_version, repro):
     if config.get("compressor") == "auto" and runs[0].get("compressor"):
         config["compressor"] = runs[0]["compressor"]  # the one the run chose
     return dict(author=a.author, github_id=a.github_id, name=a.name, blurb=a.blurb or auto_blurb(config),
-                date=a.date, track=TRACK, val_loss=round(statistics.fmean(losses), 8),
+                date=a.date, track=a.track, val_loss=round(statistics.fmean(losses), 8),
                 val_bpb=round(statistics.fmean(bpbs), 8), val_bpb_std=sample_std(bpbs), val_loss_std=sample_std(losses),
                 seeds=[r["seed"] for r in runs],
                 seed_results={str(r["seed"]): seed_result(r, t) for r, t in zip(runs, totals)},
@@ -411,11 +411,14 @@ def significance_lines(a, sig):
             f"- **{'PASS' if sig['passed'] else 'FAIL'}** (p {'<' if sig['passed'] else '≥'} {sig['alpha']})"]
 
 
-def reproduce_lines(runs, repro, support, packed):
+def reproduce_lines(runs, repro, support, packed, track):
     seeds = [r["seed"] for r in runs]
     variant = f"sp{runs[0].get('config', {}).get('vocab_size', 1024)}"
-    out = ["## Reproduce", "", f"From this folder, with the FineWeb {variant} shards and tokenizer under ./data "
-           f"(`python3 data/cached_challenge_fineweb.py --variant {variant}`, or DATA_PATH and TOKENIZER_PATH set),"]
+    data = (f"the FineWeb {variant} shards and tokenizer under ./data (`python3 data/cached_challenge_fineweb.py "
+            f"--variant {variant}`, or DATA_PATH and TOKENIZER_PATH set)" if track == "10min_16mb" else
+            f"the {variant} shards and tokenizer the runs read (track {track}: not the challenge's data or machines; "
+            "DATA_PATH and TOKENIZER_PATH below say where they were)")
+    out = ["## Reproduce", "", f"From this folder, with {data},"]
     if repro is None:
         out[-1] += " run once per seed:"
         out += ["", "```bash", "SEED=<seed> bash run.sh", "```", "",
@@ -450,7 +453,7 @@ def readme_text(a, runs, sub, sig, packed, repro, support):
     out += results_lines(runs, sub, packed)
     if sig:
         out += [""] + significance_lines(a, sig)
-    out += [""] + reproduce_lines(runs, repro, support, packed)
+    out += [""] + reproduce_lines(runs, repro, support, packed, a.track)
     if "config" in runs[0]:
         out += ["", f"<details><summary>config of the seed {runs[0]['seed']} run</summary>", "", "```json",
                 json.dumps(runs[0]["config"], indent=2), "```", "", "</details>"]
@@ -475,7 +478,9 @@ def parse_args(argv):
     p.add_argument("--baseline-loss", type=float, help="previous record's val_loss (nats); enables the t-test")
     p.add_argument("--min-improvement", type=float, default=0.005, help="required improvement in nats")
     p.add_argument("--pack", action="store_true", help="ship train_gpt.py as an lzma self-extracting one-liner")
-    p.add_argument("--out-root", help="default: records/track_10min_16mb in the repository")
+    p.add_argument("--track", default="10min_16mb", help="submission.json's track; e.g. non_record_proxy for runs "
+                                                         "that are not on FineWeb or 8xH100")
+    p.add_argument("--out-root", help="default: records/track_<track> in the repository")
     p.add_argument("--force", action="store_true", help="replace an existing record folder")
     return p.parse_args(argv)
 
@@ -502,7 +507,9 @@ def build(a):
         raise RecordError(f"--name {a.name!r} must be a plain folder name (no slashes, spaces or leading dot)")
     script = Path(a.script) if a.script else REPO / "train_gpt.py"
     run_sh = Path(a.run_sh) if a.run_sh else REPO / "run.sh"
-    out_root = Path(a.out_root) if a.out_root else REPO / "records" / "track_10min_16mb"
+    if not re.fullmatch(r"[\w.-]+", a.track):
+        raise RecordError(f"--track {a.track!r} must be a plain name (letters, digits, '_', '.', '-')")
+    out_root = Path(a.out_root) if a.out_root else REPO / "records" / f"track_{a.track}"
     for what, path in (("script", script), ("run.sh", run_sh)):
         if not path.is_file():
             raise RecordError(f"{what} {path} does not exist")

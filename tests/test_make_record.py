@@ -189,6 +189,24 @@ UPSTREAM_KEYS = {"author", "github_id", "name", "blurb", "date", "track", "val_l
                  "hardware", "pytorch_version"}
 
 
+def test_track_names_the_submission_and_the_default_folder(env, capsys, monkeypatch, tmp_path):
+    """--track non_record_proxy: submission.json says so, and without --out-root the folder goes to
+    records/track_non_record_proxy of the repository (here a stand-in REPO); a path-like track is refused."""
+    monkeypatch.setattr(mr, "REPO", tmp_path / "repo")
+    base = [a for a in env.args if a not in ("--out-root", str(env.out_root))]
+    rc, _, err = cli(capsys, *base, "--track", "non_record_proxy", "--logs", *env.logs)
+    assert rc == 0, err
+    target = tmp_path / "repo/records/track_non_record_proxy/2026-03-01_crawler_test"
+    assert json.loads((target / "submission.json").read_text())["track"] == "non_record_proxy"
+    reproduce = (target / "README.md").read_text().split("## Reproduce")[1]
+    assert "the sp1024 shards and tokenizer the runs read (track non_record_proxy" in reproduce
+    assert "FineWeb" not in reproduce
+    assert cli(capsys, *env.args, "--logs", *env.logs)[0] == 0  # the challenge's track: its data
+    assert "with the FineWeb sp1024 shards" in (env.target / "README.md").read_text()
+    rc, _, err = cli(capsys, *env.args, "--track", "../x", "--logs", *env.logs)
+    assert_error(rc, err, "--track '../x' must be a plain name")
+
+
 def test_submission_has_upstream_fields_and_seed_results(env, capsys):
     logs = []
     for seed, (loss, bpb, mb) in env.runs.items():
