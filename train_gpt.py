@@ -577,6 +577,21 @@ def load_val_tokens(data_path, vocab_size=65536):
     return np.concatenate(shards)
 
 
+def load_val_bytes(data_path, tokens):
+    """The byte sidecars fineweb_val_bytes_NNNNNN.bin beside the val shards (a text transform such as CaseOps
+    writes them: each token's bytes of the original text), concatenated like the shards; None without them."""
+    paths = [p.replace("fineweb_val_", "fineweb_val_bytes_") for p in shard_paths(data_path, "val")]
+    found = [os.path.isfile(p) for p in paths]
+    if not any(found):
+        return None
+    side = np.concatenate([open_shard(p) for p in paths]) if all(found) else None
+    if side is None or len(side) != len(tokens):
+        raise ConfigError(f"DATA_PATH={data_path}: the byte sidecars fineweb_val_bytes_*.bin do not match the val shards "
+                          f"({sum(found)} of {len(paths)} files, {0 if side is None else len(side):,} counts for "
+                          f"{len(tokens):,} tokens); rebuild them with the shards")
+    return side
+
+
 def byte_luts(sp, vocab_size):
     """Per token id: UTF-8 bytes it adds to the text (a leading "▁" excluded), whether it has that leading
     space, and whether it is a boundary (control/unknown/unused: no bytes, no space counted after it).
@@ -597,9 +612,12 @@ def byte_luts(sp, vocab_size):
     return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
 
 
-def token_bytes(tgt, prev, luts):
-    """UTF-8 bytes each target token adds: its piece, plus its leading space unless it follows a boundary."""
-    base, space, boundary = luts
+def token_bytes(tgt, prev, luts, pos=None):
+    """UTF-8 bytes each target token adds: its piece, plus its leading space unless it follows a boundary; with
+    a byte sidecar (a 4th entry: bytes per val position) the sidecar's count at the targets' positions `pos`."""
+    if len(luts) > 3:
+        return luts[3][pos]
+    base, space, boundary = luts[:3]
     return base[tgt] + (space[tgt] & ~boundary[prev])
 
 
@@ -1696,25 +1714,27 @@ def window_plan(tokens, L, stride, isolate, chunk=0):
 
 
 def window_rows(tokens, wins, rows, length, device):
-    """Token rows x [rows, length + 1] and the mask of scored targets [rows, length] for windows
-    (start, first scored offset, length); rows past the windows stay padding."""
+    """Token rows x [rows, length + 1], the mask of scored targets [rows, length] and their positions in
+    `tokens` for windows (start, first scored offset, length); rows past the windows stay padding."""
     x = np.zeros((rows, length + 1), np.int64)
     mask = np.zeros((rows, length), bool)
+    pos = np.zeros((rows, length), np.int64)
     for r, (ws, first, n) in enumerate(wins):
         x[r, :n + 1] = tokens[ws:ws + n + 1]
         mask[r, first:n] = True
-    return torch.from_numpy(x).to(device), torch.from_numpy(mask).to(device)
+        pos[r, :n] = np.arange(ws + 1, ws + n + 1)
+    return tuple(torch.from_numpy(a).to(device) for a in (x, mask, pos))
 
 
-def score_rows(model, x, mask, luts, autocast, dynamic=False):
-    """Per-token NLL of the rows x, and float64 per-row sums [rows, (nll, tokens, bytes)] of the masked targets;
-    `dynamic`: rows and width are marked as varying (one compiled graph for all)."""
+def score_rows(model, x, mask, pos, luts, autocast, dynamic=False):
+    """Per-token NLL of the rows x, and float64 per-row sums [rows, (nll, tokens, bytes)] of the masked targets
+    (at positions `pos` of the val tokens); `dynamic`: rows and width are marked as varying (one graph for all)."""
     idx, tgt = x[:, :-1], x[:, 1:]
     for t in (idx, tgt) if dynamic else ():
         torch._dynamo.mark_dynamic(t, (0, 1))
     with autocast:
         nll = model(idx, tgt)
-    nbytes = token_bytes(x[:, 1:], x[:, :-1], luts)
+    nbytes = token_bytes(x[:, 1:], x[:, :-1], luts, pos)
     return nll, torch.stack([(nll.detach().double() * mask).sum(1), mask.sum(1).double(),
                              (nbytes * mask).sum(1).double()], 1)
 
@@ -1724,9 +1744,9 @@ def score_windows(model, tokens, wins, luts, batch, run, progress=None):
     sums, done = torch.zeros(3, dtype=torch.float64, device=run.device), 0
     L = max((n for _, _, n in wins), default=1)
     for i in range(0, len(wins), batch):
-        x, mask = window_rows(tokens, wins[i:i + batch], batch, L, run.device)
+        x, mask, pos = window_rows(tokens, wins[i:i + batch], batch, L, run.device)
         with torch.no_grad():
-            sums += score_rows(model, x, mask, luts, run.autocast)[1].sum(0)
+            sums += score_rows(model, x, mask, pos, luts, run.autocast)[1].sum(0)
         if progress:
             done += sum(n - first for _, first, n in wins[i:i + batch])
             progress(done)
@@ -1855,9 +1875,9 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                                 weight_decay=h.ttt_lora_wd, fused=run.is_cuda)
         return adapters, opt
 
-    def step(opt, x, mask, learn):
+    def step(opt, x, mask, pos, learn):
         """Scores the rows (sums returned; grad on: one graph), then if `learn` an AdamW step on those targets."""
-        nll, rows = score_rows(lora_runner, x, mask, luts, run.autocast, dynamic=h.compile)
+        nll, rows = score_rows(lora_runner, x, mask, pos, luts, run.autocast, dynamic=h.compile)
         if learn:
             opt.zero_grad()
             ((nll * mask).sum() / C).backward()
@@ -1885,7 +1905,7 @@ def ttt_lora(model, runner, tokens, luts, h, run):
             t = time.perf_counter()
             with heartbeat(run.log, "ttt: compiling"):
                 x = torch.randint(0, h.vocab_size, (2, C + 2), device=run.device)
-                step(attach(2, inits)[1], x, torch.ones_like(x[:, 1:], dtype=torch.bool), True)
+                step(attach(2, inits)[1], x, torch.ones_like(x[:, 1:], dtype=torch.bool), torch.zeros_like(x[:, 1:]), True)
                 detach()
             run.log(f"ttt: compiled (random tokens): SGD {t - t_warm:.0f}s, adapters {time.perf_counter() - t:.0f}s")
         graphs, parts, t0, done = compile_stats(), {}, time.perf_counter(), 0
@@ -1900,8 +1920,8 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                     e = min(a + k + C, b)
                     ws = max(a, e - L)
                     wins.append((ws, min(a + k, e) - ws, e - ws))
-                x, mask = window_rows(tokens, wins, len(adapters[0][0]), max(2, *(w for _, _, w in wins)), run.device)
-                rows = step(opt, x, mask, k + C < longest)
+                x, mask, pos = window_rows(tokens, wins, len(adapters[0][0]), max(2, *(w for _, _, w in wins)), run.device)
+                rows = step(opt, x, mask, pos, k + C < longest)
                 parts.update({a + k: row for (a, b), row in zip(mine, rows) if a + k < b})  # scored before the step
             if phased:  # the next batch starts from the mean trained A of this one, over all ranks
                 inits = [run.all_reduce(A.detach()[:len(mine)].sum(0)) / len(batch) for A, _ in adapters]
@@ -2222,7 +2242,13 @@ def prepare(h, run):
     select_sdpa_backend(h.sdpa_backend)
     sp, tokens = load_tokenizer(h.tokenizer_path, h.vocab_size), load_val_tokens(h.data_path, h.vocab_size)
     check_tokenizer(sp, tokens, h)
-    val = ValData(tokens, [t.to(run.device) for t in byte_luts(sp, h.vocab_size)])
+    luts, side = byte_luts(sp, h.vocab_size), load_val_bytes(h.data_path, tokens)
+    if side is not None:
+        tgt, prev = (torch.from_numpy(tokens[a:len(tokens) - 1 + a].astype(np.int64)) for a in (1, 0))
+        run.log(f"val bytes: from the byte sidecars fineweb_val_bytes_*.bin, {int(side[1:].sum()):,} for the targets "
+                f"(the tokenizer's pieces would count {int(token_bytes(tgt, prev, luts).sum()):,})")
+        luts += (torch.from_numpy(side.astype(np.int64)),)
+    val = ValData(tokens, [t.to(run.device) for t in luts])
     run.log(f"val: {len(val.tokens):,} tokens from {h.data_path}")
     model = GPT(h).to(run.device)
     n_params = sum(p.numel() for p in model.parameters())
