@@ -130,6 +130,7 @@ class Hyperparameters:
         self.num_crawler_layers = i("NUM_CRAWLER_LAYERS", 1, lo=1)  # shared blocks run once per loop
         self.crawler_loops = i("CRAWLER_LOOPS", 3, lo=0)  # 0 = plain U-Net GPT of the flat blocks
         self.crawler_loop_rope_scales = r.read("CRAWLER_LOOP_ROPE_SCALES", (), floats)  # per loop RoPE wavelength factor
+        self.crawler_carry = s("CRAWLER_CARRY", "")  # learned | frozen:<betas>;<alphas>: later loops' outputs mix loop 0's
         self.control_vectors = s("CONTROL_VECTORS", "application", choices=("application", "block"))  # per application or block
         self.unet_skips = s("UNET_SKIPS", "flat", choices=("flat", "executed"))  # U-Net skip pairs: see route()
         self.skip_gate = b("SKIP_GATE", False)  # skips enter as lerp(w * skip, x, sigmoid(gate))
@@ -248,7 +249,7 @@ class Hyperparameters:
 
     # What a checkpoint or artifact written before a shape setting existed was built with.
     LEGACY_SHAPE = dict(num_encoder_layers=-1, control_vectors="application", unet_skips="flat", skip_gate=False,
-                        parallel_last_n=0, attn_gate=False, doc_attention=False)
+                        parallel_last_n=0, attn_gate=False, doc_attention=False, crawler_carry="")
 
     def use_model_config(self, config):
         """The architecture of a checkpoint or artifact replaces the environment's; derived defaults follow it."""
@@ -296,6 +297,23 @@ class Hyperparameters:
         if self.eval_stride > self.eval_seq_len:
             raise ConfigError(f"EVAL_STRIDE={self.eval_stride}: must be at most EVAL_SEQ_LEN={self.eval_seq_len}")
         self.xsa_flags()
+        self.carry_values()
+
+    def carry_values(self):
+        """CRAWLER_CARRY as (beta [crawler blocks], alpha [block, block]) tensors (learned: their start), or None."""
+        n, spec = self.num_crawler_layers, self.crawler_carry
+        if not spec:
+            return None
+        if spec == "learned":
+            return torch.ones(n), torch.zeros(n, n)
+        try:
+            beta, alpha = (floats(t) for t in spec.removeprefix("frozen:").split(";"))
+        except ValueError:
+            beta = alpha = ()
+        if not spec.startswith("frozen:") or len(beta) != n or len(alpha) != n * n:
+            raise ConfigError(f"CRAWLER_CARRY={spec!r}: use learned, or frozen:<{n} betas>;<{n * n} alphas> "
+                              "(comma-separated; alpha row by row)")
+        return torch.tensor(beta), torch.tensor(alpha).view(n, n)
 
     def ttt_phase_batches(self):
         """The batch after which each phased-TTT phase runs: the one that brings the documents scored past
@@ -1018,6 +1036,18 @@ class GPT(nn.Module):
         self.register_buffer("rope_cos", torch.stack([c for c, _ in tables]), persistent=False)
         self.register_buffer("rope_sin", torch.stack([s for _, s in tables]), persistent=False)
         self.crawler_ids = sorted({j for j, role, _ in self.schedule if role == "mid"})
+        # Recurrent carry: a later loop's crawler output x -> beta x + sum_m alpha[., m] (loop 0's output of
+        # crawler block m, no gradient through it); learned in the scalar group, or frozen as buffers.
+        carry = h.carry_values() if self.crawler_ids else None
+        if carry and h.crawler_carry == "learned":
+            self.carry_beta, self.carry_alpha = (nn.Parameter(t) for t in carry)
+        else:
+            self.register_buffer("carry_beta", carry and carry[0], persistent=False)
+            self.register_buffer("carry_alpha", carry and carry[1], persistent=False)
+        lanes_from = self.routes[True].lanes_from
+        if carry and any(role == "mid" for _, role, _ in self.schedule[lanes_from:]):
+            raise ConfigError(f"CRAWLER_CARRY with PARALLEL_LAST_N={h.parallel_last_n}: the lanes must start after "
+                              "the last crawler application")
         self._init_weights(h.tied_embed_init_std)
 
     def set_qat(self, bits):
@@ -1055,6 +1085,15 @@ class GPT(nn.Module):
         s = self.skip_weights[k].to(x.dtype) * saved
         return x + s if self.skip_gates is None else torch.lerp(s, x, torch.sigmoid(self.skip_gates[k]).to(x.dtype))
 
+    def carried(self, x, j, loop, carry):
+        """Loop 0 keeps crawler block j's output; a later loop's output mixes with those (CRAWLER_CARRY)."""
+        k = self.crawler_ids.index(j)
+        if loop == 0:
+            carry[k] = x.detach()
+            return x
+        beta, alpha = self.carry_beta.to(x.dtype), self.carry_alpha.to(x.dtype)
+        return beta[k] * x + sum(alpha[k, m] * carry[m] for m in range(len(self.crawler_ids)))
+
     def _init_weights(self, embed_std):
         nn.init.normal_(self.tok_emb.weight, std=embed_std)
         if self.bigram is not None:
@@ -1073,7 +1112,7 @@ class GPT(nn.Module):
             x = self.smear(x, idx)
         if idx.is_cuda:  # the residual stream's dtype (CPU runs stay fp32)
             x = x.to(self.stream_dtype)
-        x0, skips, lanes = x, [], None
+        x0, skips, lanes, carry = x, [], None, {}
         r, layout = self.routes[self.looping], attention_layout(idx, self.doc_attention)
         for i, p in enumerate(r.positions):
             if i == r.lanes_from:
@@ -1087,6 +1126,8 @@ class GPT(nn.Module):
                 lanes = self.blocks[j].parallel([t + emb for t in lanes], x0, c)
             else:
                 x = self.blocks[j](x + emb, x0, c)
+            if self.carry_beta is not None and self.schedule[p][1] == "mid":
+                x = self.carried(x, j, self.schedule[p][2], carry)
             if r.save[i]:
                 skips.append(x)
         if lanes:

@@ -6,6 +6,13 @@ BOS + sp.encode(text) (no EOS); documents may run across train-shard boundaries.
 Outputs fineweb_val_000000.bin, fineweb_train_000000.bin, ... plus manifest.json; refuses
 an --out-dir that already holds shards unless --overwrite (which also drops stale ones).
 
+--caseops applies data/caseops.py's lossless case transform to every document before the
+tokenizer is trained and before it encodes (upstream's lossless_caps_caseops_v1), and writes
+a byte sidecar fineweb_val_bytes_NNNNNN.bin beside each val shard: the same header and token
+count, one uint16 per token giving the original text's UTF-8 bytes of that token (BOS 0), which
+is what val_bpb must divide by. The tokenizer must hold the four operators as user-defined
+symbols: --train-tokenizer does that with --caseops; a --tokenizer without them is refused.
+
 Inputs: .jsonl (one JSON object per line, text under --text-key), .jsonl.zst (same,
 zstd-compressed; needs `zstandard`), .txt (one or more blank, i.e. empty or whitespace-only,
 lines separate documents; a document keeps its other lines as they are), or directories
@@ -20,6 +27,9 @@ All documents are held in memory, so this is meant for corpora of up to a few GB
     python3 data/stdlib_corpus.py --out /tmp/stdlib.jsonl
     python3 data/build_shards.py --inputs /tmp/stdlib.jsonl --val-docs 50 --shuffle-seed 0 \\
         --train-tokenizer 1024 --tokenizer-out /tmp/sp/stdlib_1024 --out-dir /tmp/shards
+    # the same with CaseOps: a caseops tokenizer, shards and val byte sidecars
+    python3 data/build_shards.py --inputs /tmp/stdlib.jsonl --val-docs 50 --shuffle-seed 0 --caseops \\
+        --train-tokenizer 1024 --tokenizer-out /tmp/sp/stdlib_1024_caseops --out-dir /tmp/shards_caseops
 """
 from __future__ import annotations
 
@@ -34,9 +44,13 @@ from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # data/caseops.py, also when loaded by path
+import caseops  # noqa: E402
+
 MAGIC, VERSION, HEADER_INTS = 20240520, 1, 256
 SUFFIXES = (".jsonl", ".jsonl.zst", ".txt")
 SHARD_NAME = re.compile(r"fineweb_(train|val)_[0-9]{6}\.bin")
+SIDECAR_NAME = re.compile(r"fineweb_val_bytes_[0-9]{6}\.bin")
 
 
 class UsageError(Exception):
@@ -57,9 +71,10 @@ def input_files(paths: list[str]) -> list[Path]:
     return files
 
 
-def is_shard(name: str) -> bool:
-    """Only our own shard names: sidecars such as fineweb_val_bytes_000000.bin are the user's."""
-    return SHARD_NAME.fullmatch(name) is not None
+def is_shard(name: str, with_sidecars: bool = False) -> bool:
+    """Our own shard names, and the byte sidecars when --caseops writes them; otherwise a sidecar
+    such as fineweb_val_bytes_000000.bin is the user's (e.g. downloaded upstream) and left alone."""
+    return SHARD_NAME.fullmatch(name) is not None or (with_sidecars and SIDECAR_NAME.fullmatch(name) is not None)
 
 
 def txt_docs(text: str):
@@ -122,27 +137,33 @@ def tokenizer_error(message: str) -> str:
     return f"{text} (SentencePiece's message; check the input text and the --train-tokenizer vocab)"
 
 
-def train_tokenizer(docs: list[str], vocab_size: int, prefix: str, max_sentences: int, seed: int) -> str:
+def train_tokenizer(docs, vocab_size: int, prefix: str, max_sentences: int, seed: int,
+                    use_caseops: bool = False) -> str:
     import sentencepiece as spm
 
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
     spm.set_random_generator_seed(seed)  # makes the sentence sampling reproducible
     max_len = 4192
+    # CaseOps follows upstream's recipe: the operators as user-defined symbols (ids 4-7, never merged
+    # into other pieces), coverage 0.999, and a vocab that may come out below the target.
+    extra = (dict(user_defined_symbols=list(caseops.OPERATORS), character_coverage=0.999, hard_vocab_limit=False)
+             if use_caseops else dict(character_coverage=0.9995))
     try:
         spm.SentencePieceTrainer.train(
             sentence_iterator=train_sentences(docs, max_len), model_prefix=prefix,
             vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
-            normalization_rule_name="nmt_nfkc", add_dummy_prefix=False, character_coverage=0.9995,
+            normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
             pad_id=0, bos_id=1, eos_id=2, unk_id=3, max_sentence_length=max_len,
             input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=1,
-            minloglevel=2)
+            minloglevel=2, **extra)
     except RuntimeError as e:
         raise UsageError(f"tokenizer training failed: {tokenizer_error(str(e))}") from None
     return prefix + ".model"
 
 
 class ShardWriter:
-    """Packs token streams into fixed-size shards named fineweb_{split}_{i:06d}.bin."""
+    """Packs token streams into fixed-size shards named fineweb_{split}_{i:06d}.bin (split "val_bytes"
+    for the CaseOps sidecars: fed the same lengths as the val writer, it cuts at the same places)."""
 
     def __init__(self, out_dir: Path, split: str, shard_tokens: int):
         self.out_dir, self.split, self.buf = out_dir, split, np.empty(shard_tokens, dtype="<u2")
@@ -188,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer-sentences", type=int, default=2_000_000, help="training sentence cap")
     ap.add_argument("--tokenizer-seed", type=int, default=1337)
     ap.add_argument("--overwrite", action="store_true", help="replace shards already in --out-dir")
+    ap.add_argument("--caseops", action="store_true",
+                    help="lossless case transform before tokenizing, plus val byte sidecars (see above)")
     args = ap.parse_args(argv)
     try:
         return run(args)
@@ -208,7 +231,7 @@ def run(args: argparse.Namespace) -> int:
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UsageError(f"tokenizer not found: {args.tokenizer} (check --tokenizer)")
     out_dir = Path(args.out_dir)
-    old = sorted(p for p in out_dir.glob("fineweb_*.bin") if is_shard(p.name)) if out_dir.is_dir() else []
+    old = sorted(p for p in out_dir.glob("fineweb_*.bin") if is_shard(p.name, args.caseops)) if out_dir.is_dir() else []
     if old and not args.overwrite:
         raise UsageError(f"{out_dir} already holds {len(old)} shards: pass --overwrite or pick an empty --out-dir")
     files = input_files(args.inputs)
@@ -223,9 +246,10 @@ def run(args: argparse.Namespace) -> int:
     splits = {"val": docs[:args.val_docs], "train": docs[args.val_docs:]}
 
     model = args.tokenizer
+    transform = caseops.encode if args.caseops else (lambda text: text)
     if args.train_tokenizer is not None:  # train docs only: val must stay unseen
-        model = train_tokenizer(splits["train"], args.train_tokenizer, args.tokenizer_out,
-                                args.tokenizer_sentences, args.tokenizer_seed)
+        model = train_tokenizer(map(transform, splits["train"]), args.train_tokenizer, args.tokenizer_out,
+                                args.tokenizer_sentences, args.tokenizer_seed, args.caseops)
     try:
         sp = spm.SentencePieceProcessor(model_file=str(model))
     except (RuntimeError, OSError) as e:
@@ -235,33 +259,54 @@ def run(args: argparse.Namespace) -> int:
     bos = sp.bos_id()
     if bos < 0:
         raise UsageError(f"tokenizer {model} has no BOS piece: use one trained with bos_id set")
+    ops = caseops.operator_ids(sp)
+    if args.caseops and ops is None:
+        raise UsageError(f"--caseops needs a tokenizer with the operators U+E001..U+E004 as user-defined "
+                         f"symbols, which {model} lacks: use a CaseOps tokenizer or --train-tokenizer")
+    if ops is not None and not args.caseops:  # its vocab has no capitals: they would all go to byte pieces
+        raise UsageError(f"{model} is a CaseOps tokenizer (operators U+E001..U+E004): add --caseops")
+    if args.caseops:
+        table, esc_id = caseops.piece_bytes(sp), ops[3]
 
     out_dir.mkdir(parents=True, exist_ok=True)
     manifest = {"tokenizer": str(Path(model).resolve()), "vocab_size": sp.vocab_size(), "bos_id": bos,
-                "shard_tokens": args.shard_tokens, "inputs": [str(f) for f in files], "splits": {}}
+                "shard_tokens": args.shard_tokens, "caseops": args.caseops,
+                "inputs": [str(f) for f in files], "splits": {}}
     written = set()
     for split, split_docs in splits.items():
-        w, n_bytes = ShardWriter(out_dir, split, args.shard_tokens), 0
+        w, n_bytes, side_bytes = ShardWriter(out_dir, split, args.shard_tokens), 0, 0
+        side = ShardWriter(out_dir, "val_bytes", args.shard_tokens) if args.caseops and split == "val" else None
         for i in range(0, len(split_docs), 1024):
             batch = split_docs[i:i + 1024]
-            for ids in sp.encode(batch, out_type=int, num_threads=os.cpu_count() or 1):
-                w.add(np.array([bos, *ids], dtype="<u2"))
-            n_bytes += sum(len(d.encode("utf-8")) for d in batch)
+            for ids in sp.encode([transform(d) for d in batch], out_type=int, num_threads=os.cpu_count() or 1):
+                toks = np.array([bos, *ids], dtype="<u2")
+                w.add(toks)
+                if side is not None:
+                    counts = caseops.sidecar(toks, table, esc_id)
+                    side.add(counts.astype("<u2"))
+                    side_bytes += int(counts.sum())
+            n_bytes += sum(len(d.encode("utf-8")) for d in batch)  # the input text, before any transform
         w.flush()
         written.update(w.files)
         non_bos = w.tokens - len(split_docs)
         manifest["splits"][split] = {"docs": len(split_docs), "tokens": w.tokens, "shards": len(w.files),
                                      "utf8_bytes": n_bytes, "bytes_per_token": round(n_bytes / max(non_bos, 1), 4),
                                      "files": w.files}
+        if side is not None:
+            side.flush()
+            written.update(side.files)
+            manifest["splits"][split].update(byte_files=side.files, sidecar_bytes=side_bytes)
+        sidecars = f", {len(side.files)} byte sidecars" if side is not None else ""
         print(f"{split:>5}: {len(split_docs):,} docs, {w.tokens:,} tokens (incl. BOS), {len(w.files)} shards, "
-              f"{n_bytes / max(non_bos, 1):.3f} bytes/token")
+              f"{n_bytes / max(non_bos, 1):.3f} bytes/token{sidecars}")
     stale = [p for p in old if p.name not in written]
     for p in stale:  # --overwrite: leftovers of an earlier, larger run would otherwise be read as data
         p.unlink()
     tmp = out_dir / "manifest.json.tmp"
     tmp.write_text(json.dumps(manifest, indent=2) + "\n", encoding="utf-8")
     os.replace(tmp, out_dir / "manifest.json")
-    print(f"wrote {len(written)} shards to {out_dir} with {model}" + (f" (removed {len(stale)} stale)" if stale else ""))
+    print(f"wrote {len(written)} shards to {out_dir} with {model}" + (" (CaseOps)" if args.caseops else "")
+          + (f" (removed {len(stale)} stale)" if stale else ""))
     return 0
 
 

@@ -12,6 +12,11 @@ Usage:
     python3 data/cached_challenge_fineweb.py --variant sp1024 [--train-shards 80]
         [--repo-id ID] [--remote-root PREFIX] [--out DIR]
 
+--variant sp8192_caseops (short for sp8192_lossless_caps_caseops_v1_reserved) fetches upstream's
+CaseOps export (see data/caseops.py) from romeerp/parameter-golf-caseops-v1: its shards, its
+tokenizer and the byte sidecars fineweb_val_bytes_NNNNNN.bin, one per val shard, which val_bpb
+needs because the tokens spell the case-transformed text, not the original.
+
 Files already present with a valid shard header / size are skipped, so a rerun
 only fetches what is missing. Requires `pip install huggingface_hub`.
 """
@@ -24,8 +29,10 @@ from pathlib import Path
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES = 20240520, 1, 256 * 4
 DEFAULT_REPO = "willdepueoai/parameter-golf"
-# The sp8192 export is only published in this repo.
-REPO_BY_VARIANT = {"sp8192": "kevclark/parameter-golf"}
+CASEOPS = "sp8192_lossless_caps_caseops_v1_reserved"
+ALIASES = {"sp8192_caseops": CASEOPS}
+# The sp8192 export is only published in this repo, and CaseOps only in its author's.
+REPO_BY_VARIANT = {"sp8192": "kevclark/parameter-golf", CASEOPS: "romeerp/parameter-golf-caseops-v1"}
 
 
 class DownloadError(Exception):
@@ -98,13 +105,15 @@ def fetch(repo_id: str, remote_root: str, rel: str, out: Path, refresh: bool = F
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--variant", default="sp1024", help="tokenizer variant: sp1024, sp4096 or sp8192")
+    p.add_argument("--variant", default="sp1024",
+                   help="tokenizer variant: sp1024, sp4096, sp8192 or sp8192_caseops (with val byte sidecars)")
     p.add_argument("--train-shards", type=int, default=80, help="number of training shards to fetch")
     p.add_argument("--repo-id", default=None, help="HF dataset repo (env MATCHED_FINEWEB_REPO_ID)")
     p.add_argument("--remote-root", default=None,
                    help="folder inside the repo (env MATCHED_FINEWEB_REMOTE_ROOT_PREFIX, default 'datasets')")
     p.add_argument("--out", type=Path, default=Path(__file__).resolve().parent, help="local data folder")
     args = p.parse_args(argv)
+    args.variant = ALIASES.get(args.variant, args.variant)
     repo_id = args.repo_id or os.environ.get("MATCHED_FINEWEB_REPO_ID") or REPO_BY_VARIANT.get(args.variant, DEFAULT_REPO)
     root = args.remote_root if args.remote_root is not None else os.environ.get("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", "datasets")
     root = root.strip("/")
@@ -141,13 +150,25 @@ def main(argv: list[str] | None = None) -> int:
         shards = [f"datasets/{name}/fineweb_val_{i:06d}.bin" for i in range(n_val)]
         shards += [f"datasets/{name}/fineweb_train_{i:06d}.bin" for i in range(args.train_shards)]
         tokens = sum(shard_tokens(fetch(repo_id, root, rel, args.out)) for rel in shards)
+        # A case-transformed variant must be scored with the original text's bytes, which only its
+        # sidecars hold: without them val_bpb would silently count the transformed text.
+        n_sidecars = n_val if "caseops" in name else 0
+        sidecars = [f"datasets/{name}/fineweb_val_bytes_{i:06d}.bin" for i in range(n_sidecars)]
+        for rel, val in zip(sidecars, shards):
+            n, want = shard_tokens(fetch(repo_id, root, rel, args.out)), shard_tokens(args.out / val)
+            if n != want:  # maybe left from another export: fetch it again before blaming the hub
+                n = shard_tokens(fetch(repo_id, root, rel, args.out, refresh=True))
+            if n != want:
+                raise DownloadError(f"byte sidecar {rel} has {n:,} values but {val} has {want:,} tokens; "
+                                    f"the export in {repo_id} is inconsistent")
         for rel in tok_files:
             fetch(repo_id, root, rel, args.out)
     except DownloadError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     model = args.out / (tok.get("model_path") or tok_files[0])
-    print(f"done: {name}: {args.train_shards} train + {n_val} val shards, {tokens:,} tokens. "
+    print(f"done: {name}: {args.train_shards} train + {n_val} val shards"
+          + (f" + {len(sidecars)} val byte sidecars" if sidecars else "") + f", {tokens:,} tokens. "
           f"Use DATA_PATH={args.out / 'datasets' / name} TOKENIZER_PATH={model}")
     return 0
 

@@ -70,10 +70,8 @@ def hf_hub_download(repo_id, filename, *, repo_type=None, revision=None, cache_d
 '''
 
 
-@pytest.fixture
-def env(tmp_path, monkeypatch):
-    """(module, hub_root, out_dir, calls): main() downloads from the fake hub into out_dir."""
-    hub = build_hub(tmp_path / "hub")
+def serve(hub, tmp_path, monkeypatch):
+    """(module, hub_root, out_dir, calls): main() downloads from the fake hub at `hub` into out_dir."""
     ns = {"HUB": str(hub), "CACHE": str(tmp_path / "cache")}
     exec(FAKE_HF, ns)
     mod = load_module()
@@ -81,6 +79,11 @@ def env(tmp_path, monkeypatch):
     monkeypatch.delenv("MATCHED_FINEWEB_REPO_ID", raising=False)
     monkeypatch.delenv("MATCHED_FINEWEB_REMOTE_ROOT_PREFIX", raising=False)
     return mod, hub, tmp_path / "out", ns["calls"]
+
+
+@pytest.fixture
+def env(tmp_path, monkeypatch):
+    return serve(build_hub(tmp_path / "hub"), tmp_path, monkeypatch)
 
 
 def leftovers(out: Path) -> list[str]:
@@ -206,3 +209,85 @@ def test_subprocess_without_huggingface_hub(tmp_path):
     r = run_script(tmp_path, "raise ImportError('not installed')\n", "--out", str(tmp_path / "out"))
     assert r.returncode == 1
     assert r.stderr.count("\n") == 1 and "pip install huggingface_hub" in r.stderr
+
+
+CASEOPS = "fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+CASEOPS_DS = f"datasets/{CASEOPS}"
+CASEOPS_TOK = "tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved"
+
+
+def build_caseops_hub(root: Path) -> Path:
+    """Upstream's CaseOps repo as it is laid out: two val shards, each with its byte sidecar."""
+    base = root / "datasets"
+    for i, n in enumerate([12, 5]):
+        write_shard(base / CASEOPS_DS / f"fineweb_val_{i:06d}.bin", np.arange(n) + 4)
+        write_shard(base / CASEOPS_DS / f"fineweb_val_bytes_{i:06d}.bin", np.arange(n) % 4)
+    write_shard(base / CASEOPS_DS / "fineweb_train_000000.bin", np.arange(40))
+    write_shard(base / CASEOPS_DS / "fineweb_train_000001.bin", np.arange(40))
+    (base / "tokenizers").mkdir(parents=True)
+    (base / f"{CASEOPS_TOK}.model").write_bytes(b"\x00fake caseops model\xff")
+    (base / f"{CASEOPS_TOK}.vocab").write_text("<pad>\t0\n")
+    tok_name = "sp_bpe_8192_lossless_caps_caseops_v1_reserved"
+    manifest = {
+        "datasets": [{"name": CASEOPS, "tokenizer_name": tok_name,
+                      "val_bytes_glob": f"{CASEOPS_DS}/fineweb_val_bytes_*.bin",
+                      "stats": {"files_train": 2, "files_val": 2}}],
+        "tokenizers": [{"name": tok_name, "text_transform": "lossless_caps_caseops_v1",
+                        "model_path": f"{CASEOPS_TOK}.model", "vocab_path": f"{CASEOPS_TOK}.vocab"}],
+    }
+    (base / "manifest.json").write_text(json.dumps(manifest))
+    return root
+
+
+@pytest.fixture
+def caseops_env(tmp_path, monkeypatch):
+    """Like env, with the fake hub serving the CaseOps repo."""
+    return serve(build_caseops_hub(tmp_path / "hub"), tmp_path, monkeypatch)
+
+
+@pytest.mark.parametrize("variant", ["sp8192_caseops", "sp8192_lossless_caps_caseops_v1_reserved"])
+def test_caseops_variant_fetches_shards_sidecars_and_tokenizer(caseops_env, capsys, variant):
+    mod, hub, out, calls = caseops_env
+    assert mod.main(["--variant", variant, "--train-shards", "1", "--out", str(out)]) == 0
+    expected = ["manifest.json", f"{CASEOPS_DS}/fineweb_val_000000.bin", f"{CASEOPS_DS}/fineweb_val_000001.bin",
+                f"{CASEOPS_DS}/fineweb_train_000000.bin", f"{CASEOPS_DS}/fineweb_val_bytes_000000.bin",
+                f"{CASEOPS_DS}/fineweb_val_bytes_000001.bin", f"{CASEOPS_TOK}.model", f"{CASEOPS_TOK}.vocab"]
+    assert calls == [("romeerp/parameter-golf-caseops-v1", f"datasets/{rel}") for rel in expected]
+    for rel in expected:
+        assert (out / rel).read_bytes() == (hub / "datasets" / rel).read_bytes(), rel
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == sorted(expected)
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "2 val byte sidecars" in last and "57 tokens" in last  # 12 + 5 val + 40 train
+    assert f"DATA_PATH={out / CASEOPS_DS}" in last and f"TOKENIZER_PATH={out / CASEOPS_TOK}.model" in last
+
+
+def test_plain_variants_fetch_no_sidecars(env):
+    mod, hub, out, calls = env
+    assert mod.main(["--train-shards", "0", "--out", str(out)]) == 0
+    assert not any("bytes" in f for _, f in calls)
+
+
+@pytest.mark.parametrize("case", ["missing", "wrong_count"])
+def test_caseops_sidecar_missing_or_misaligned_fails(caseops_env, capsys, case):
+    mod, hub, out, calls = caseops_env
+    sidecar = hub / "datasets" / CASEOPS_DS / "fineweb_val_bytes_000001.bin"
+    if case == "missing":
+        sidecar.unlink()
+    else:
+        write_shard(sidecar, np.arange(6))  # one value more than the val shard has tokens
+    assert mod.main(["--variant", "sp8192_caseops", "--train-shards", "0", "--out", str(out)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "fineweb_val_bytes_000001.bin" in err
+    assert ("404" in err) if case == "missing" else ("has 6 values" in err and "has 5 tokens" in err)
+
+
+def test_stale_local_sidecar_is_fetched_again(caseops_env):
+    mod, hub, out, calls = caseops_env
+    args = ["--variant", "sp8192_caseops", "--train-shards", "0", "--out", str(out)]
+    assert mod.main(args) == 0
+    local = out / CASEOPS_DS / "fineweb_val_bytes_000001.bin"
+    write_shard(local, np.arange(9))  # well-formed, but from another export: 9 values for 5 tokens
+    calls.clear()
+    assert mod.main(args) == 0
+    assert [f for _, f in calls] == ["datasets/manifest.json", f"datasets/{CASEOPS_DS}/fineweb_val_bytes_000001.bin"]
+    assert local.read_bytes() == (hub / "datasets" / CASEOPS_DS / local.name).read_bytes()

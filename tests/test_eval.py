@@ -1,6 +1,7 @@
 """Exact evaluation: the byte count equals the decoded text's UTF-8 length, windows score every target
 exactly once, and stride = seq_len equals a plain non-overlapping evaluation."""
 import copy
+import math
 import shutil
 import subprocess
 import sys
@@ -279,8 +280,7 @@ def test_lora_ttt_batches_64_documents_a_rank_unless_set():
     assert hparams(TTT_LORA_DOCS=3, WORLD_SIZE=8).ttt_lora_docs == 3 and "world" not in eight.as_dict()
 
 
-@pytest.mark.parametrize("mode", ["sliding", "lora"])
-def test_val_bytes_come_from_a_byte_sidecar_beside_the_shards(corpus, finished, tmp_path, mode):
+def test_val_bytes_come_from_a_byte_sidecar_beside_the_shards(corpus, finished, tmp_path):
     """A text transform such as CaseOps writes each token's bytes of the original text to
     fineweb_val_bytes_NNNNNN.bin: the roundtrip, sliding and TTT evals then count bytes from it (every val
     target once), not from the tokenizer's pieces; a sidecar that does not match the val shards is an error."""
@@ -290,17 +290,18 @@ def test_val_bytes_come_from_a_byte_sidecar_beside_the_shards(corpus, finished, 
     tokens = T.load_val_tokens(str(data))
     side = np.where(tokens == T.BOS_ID, 0, tokens % 7 + 1)  # not what the pieces count
     write_shard(data / "fineweb_val_bytes_000000.bin", side)
-    extra = dict(EVAL_STRIDE=64) if mode == "sliding" else dict(EVAL_STRIDE=0, TTT="lora", TTT_LORA_CHUNK=64)
-    env = tiny_env(corpus, RUN_ID=mode, DATA_PATH=data, EVAL_ONLY=finished[0] / "logs/done_model.ptz", **extra)
+    env = tiny_env(corpus, RUN_ID="side", DATA_PATH=data, EVAL_ONLY=finished[0] / "logs/done_model.ptz",
+                   EVAL_STRIDE=64, TTT="lora", TTT_LORA_CHUNK=64)
     rc, err, final, log = cli(env, tmp_path)
     assert rc == 0, err
     assert final["val_bytes"] == int(side[1:].sum()) != finished[1]["val_bytes"]
+    for key in ("roundtrip", "sliding", "ttt"):  # the bytes each eval divided by: nats x tokens / (bpb x ln 2)
+        implied = final[f"{key}_val_loss"] * final["val_tokens"] / (final[f"{key}_val_bpb"] * math.log(2))
+        assert implied == pytest.approx(final["val_bytes"], rel=1e-9), key
     assert final["roundtrip_val_loss"] == finished[1]["roundtrip_val_loss"]  # the same targets, other bytes
-    assert final["roundtrip_val_bpb"] == pytest.approx(finished[1]["roundtrip_val_bpb"] * finished[1]["val_bytes"]
-                                                       / final["val_bytes"], rel=1e-12)
     assert "val bytes: from the byte sidecars" in log
     write_shard(data / "fineweb_val_bytes_000000.bin", side[:-1])
-    rc, err, _, _ = cli(dict(env, RUN_ID=mode + "_bad"), tmp_path)
+    rc, err, _, _ = cli(dict(env, RUN_ID="side_bad"), tmp_path)
     assert_one_line_error(rc, err, "the byte sidecars fineweb_val_bytes_*.bin do not match the val shards")
 
 
