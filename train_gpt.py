@@ -96,7 +96,7 @@ class Hyperparameters:
 
     def __init__(self, environ=os.environ):
         r = EnvReader(environ)
-        self.world = int(environ.get("WORLD_SIZE", 1))  # torchrun's: derived per-rank batch sizes
+        self.world = int(environ.get("WORLD_SIZE", 1))  # torchrun's rank count: the process group and per-rank batch defaults
         s = lambda n, d, **k: r.read(n, d, str, **k)
         i = lambda n, d, **k: r.read(n, d, int, **k)
         f = lambda n, d, **k: r.read(n, d, float, **k)
@@ -450,7 +450,7 @@ def cpu_threads(environ=os.environ, quota_file="/sys/fs/cgroup/cpu.max"):
 
 def start_run(h, log):
     """Process group (NCCL on CUDA, gloo on CPU), device, autocast, and the log of a new RUN_ID."""
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    rank, world = int(os.environ.get("RANK", 0)), h.world
     taken = [p for p in (f"{h.run_id}.txt", f"{h.run_id}_model.pt", f"{h.run_id}_model.ptz", f"{h.run_id}_interrupted.pt")
              if os.path.exists(os.path.join("logs", p))]
     if taken:  # before any rank writes: a rerun never overwrites a run
@@ -630,12 +630,14 @@ def byte_luts(sp, vocab_size):
     return torch.from_numpy(base), torch.from_numpy(space), torch.from_numpy(boundary)
 
 
-def token_bytes(tgt, prev, luts, pos=None):
+def token_bytes(tgt, prev, luts, starts=None):
     """UTF-8 bytes each target token adds: its piece, plus its leading space unless it follows a boundary; with
-    a byte sidecar (a 4th entry: bytes per val position) the sidecar's count at the targets' positions `pos`."""
+    a byte sidecar (a 4th entry: bytes per val position) the sidecar's count at the targets' positions, those
+    after each row's window start `starts` (past a short window's end: padding, masked out by the caller)."""
     if len(luts) > 3:
-        return luts[3][pos]
-    base, space, boundary = luts[:3]
+        pos = starts[:, None] + torch.arange(1, tgt.size(1) + 1, device=tgt.device)
+        return luts[3][pos.clamp_max(len(luts[3]) - 1)]
+    base, space, boundary = luts
     return base[tgt] + (space[tgt] & ~boundary[prev])
 
 
@@ -1755,27 +1757,27 @@ def window_plan(tokens, L, stride, isolate, chunk=0):
 
 
 def window_rows(tokens, wins, rows, length, device):
-    """Token rows x [rows, length + 1], the mask of scored targets [rows, length] and their positions in
+    """Token rows x [rows, length + 1], the mask of scored targets [rows, length] and each row's start in
     `tokens` for windows (start, first scored offset, length); rows past the windows stay padding."""
     x = np.zeros((rows, length + 1), np.int64)
     mask = np.zeros((rows, length), bool)
-    pos = np.zeros((rows, length), np.int64)
+    starts = np.zeros(rows, np.int64)
     for r, (ws, first, n) in enumerate(wins):
         x[r, :n + 1] = tokens[ws:ws + n + 1]
         mask[r, first:n] = True
-        pos[r, :n] = np.arange(ws + 1, ws + n + 1)
-    return tuple(torch.from_numpy(a).to(device) for a in (x, mask, pos))
+        starts[r] = ws
+    return tuple(torch.from_numpy(a).to(device) for a in (x, mask, starts))
 
 
-def score_rows(model, x, mask, pos, luts, autocast, dynamic=False):
-    """Per-token NLL of the rows x, and float64 per-row sums [rows, (nll, tokens, bytes)] of the masked targets
-    (at positions `pos` of the val tokens); `dynamic`: rows and width are marked as varying (one graph for all)."""
+def score_rows(model, x, mask, starts, luts, autocast, dynamic=False):
+    """Per-token NLL of the rows x (starting at `starts` in the val tokens), and float64 per-row sums [rows, (nll,
+    tokens, bytes)] of the masked targets; `dynamic`: rows and width are marked as varying (one graph for all)."""
     idx, tgt = x[:, :-1], x[:, 1:]
     for t in (idx, tgt) if dynamic else ():
         torch._dynamo.mark_dynamic(t, (0, 1))
     with autocast:
         nll = model(idx, tgt)
-    nbytes = token_bytes(x[:, 1:], x[:, :-1], luts, pos)
+    nbytes = token_bytes(x[:, 1:], x[:, :-1], luts, starts)
     return nll, torch.stack([(nll.detach().double() * mask).sum(1), mask.sum(1).double(),
                              (nbytes * mask).sum(1).double()], 1)
 
@@ -1785,9 +1787,9 @@ def score_windows(model, tokens, wins, luts, batch, run, progress=None):
     sums, done = torch.zeros(3, dtype=torch.float64, device=run.device), 0
     L = max((n for _, _, n in wins), default=1)
     for i in range(0, len(wins), batch):
-        x, mask, pos = window_rows(tokens, wins[i:i + batch], batch, L, run.device)
+        x, mask, starts = window_rows(tokens, wins[i:i + batch], batch, L, run.device)
         with torch.no_grad():
-            sums += score_rows(model, x, mask, pos, luts, run.autocast)[1].sum(0)
+            sums += score_rows(model, x, mask, starts, luts, run.autocast)[1].sum(0)
         if progress:
             done += sum(n - first for _, first, n in wins[i:i + batch])
             progress(done)
@@ -1916,9 +1918,9 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                                 weight_decay=h.ttt_lora_wd, fused=run.is_cuda)
         return adapters, opt
 
-    def step(opt, x, mask, pos, learn):
+    def step(opt, x, mask, starts, learn):
         """Scores the rows (sums returned; grad on: one graph), then if `learn` an AdamW step on those targets."""
-        nll, rows = score_rows(lora_runner, x, mask, pos, luts, run.autocast, dynamic=h.compile)
+        nll, rows = score_rows(lora_runner, x, mask, starts, luts, run.autocast, dynamic=h.compile)
         if learn:
             opt.zero_grad()
             ((nll * mask).sum() / C).backward()
@@ -1946,7 +1948,7 @@ def ttt_lora(model, runner, tokens, luts, h, run):
             t = time.perf_counter()
             with heartbeat(run.log, "ttt: compiling"):
                 x = torch.randint(0, h.vocab_size, (2, C + 2), device=run.device)
-                step(attach(2, inits)[1], x, torch.ones_like(x[:, 1:], dtype=torch.bool), torch.zeros_like(x[:, 1:]), True)
+                step(attach(2, inits)[1], x, torch.ones_like(x[:, 1:], dtype=torch.bool), x.new_zeros(len(x)), True)
                 detach()
             run.log(f"ttt: compiled (random tokens): SGD {t - t_warm:.0f}s, adapters {time.perf_counter() - t:.0f}s")
         graphs, parts, t0, done = compile_stats(), {}, time.perf_counter(), 0
@@ -1961,8 +1963,8 @@ def ttt_lora(model, runner, tokens, luts, h, run):
                     e = min(a + k + C, b)
                     ws = max(a, e - L)
                     wins.append((ws, min(a + k, e) - ws, e - ws))
-                x, mask, pos = window_rows(tokens, wins, len(adapters[0][0]), max(2, *(w for _, _, w in wins)), run.device)
-                rows = step(opt, x, mask, pos, k + C < longest)
+                x, mask, starts = window_rows(tokens, wins, len(adapters[0][0]), max(2, *(w for _, _, w in wins)), run.device)
+                rows = step(opt, x, mask, starts, k + C < longest)
                 parts.update({a + k: row for (a, b), row in zip(mine, rows) if a + k < b})  # scored before the step
             if phased:  # the next batch starts from the mean trained A of this one, over all ranks
                 inits = [run.all_reduce(A.detach()[:len(mine)].sum(0)) / len(batch) for A, _ in adapters]
