@@ -16,6 +16,7 @@ import copy
 import dataclasses
 import datetime
 import difflib
+import functools
 import glob
 import hashlib
 import importlib
@@ -192,7 +193,7 @@ class Hyperparameters:
         self.gptq_loop_iters = i("GPTQ_LOOP_ITERS", 1, lo=0)  # loop_gptq: extra crawler rounds
         self.gptq_calib_tokens = i("GPTQ_CALIB_TOKENS", 262_144, lo=1)  # training tokens for the Hessians (all ranks)
         self.gptq_reserve_seconds = f("GPTQ_RESERVE_SECONDS", 0.0, lo=0)  # training stops this early for export; 0 = measured
-        self.compressor = s("COMPRESSOR", "brotli", choices=("zstd", "brotli", "auto"))
+        self.compressor = s("COMPRESSOR", "brotli", choices=("zstd", "brotli", "rans", "auto"))
         r.group = None
         self.max_artifact_bytes = i("MAX_ARTIFACT_BYTES", 16_000_000, lo=0)
         self.eval_only = s("EVAL_ONLY", "")  # path of an artifact: evaluate it, no training
@@ -1628,24 +1629,136 @@ def deserialize(blob):
 CHUNK_BYTES = 1 << 21  # coded in parallel threads (the coders release the GIL)
 
 
+def chunked(code, blob):
+    """A table of the CHUNK_BYTES pieces' coded lengths, then the pieces, coded in parallel."""
+    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
+        parts = list(pool.map(code, [blob[i:i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)]))
+    return np.array([len(parts), *map(len, parts)], "<u4").tobytes() + b"".join(parts)
+
+
+def unchunked(decode, raw):
+    n = int.from_bytes(raw[:4], "little")
+    ends = np.cumsum(np.frombuffer(raw, "<u4", n, 4), dtype=np.int64) + 4 + 4 * n
+    if not n or ends[-1] != len(raw):
+        raise ValueError("chunk table does not match the data's length")
+    return b"".join(decode(raw[a:b]) for a, b in zip([4 + 4 * n, *ends[:-1]], ends))
+
+
+# rANS over the whole-byte levels: they are close to independent draws from their tensor's histogram (order-1
+# and per-row contexts gain < 0.03%), so a static per-tensor model codes them within 0.1% of that entropy, where
+# brotli's Huffman codes stay ~1% above it (README)
+RANS_PREC, RANS_LANES, RANS_LOW = 15, 1024, 1 << 16  # probability bits; interleaved states (4 bytes each); renorm
+
+
+def level_sections(blob):
+    """(start, end) of every whole-byte level section of a serialized blob, from its tensor table."""
+    n = int.from_bytes(blob[:4], "little")
+    pos, out = 4 + n, []
+    for name, shape, bits, nbytes, *layout in json.loads(blob[4:4 + n])["tensors"]:
+        if bits == 16:
+            pos += 2 * math.prod(shape)
+            continue
+        if layout == ["bytes"]:
+            out.append((pos, pos + nbytes))
+        pos += nbytes + 2 * shape[0]
+    return out
+
+
+def rans_freqs(counts):
+    """Byte counts -> frequencies summing to 2**RANS_PREC, each byte present at least 1."""
+    f = np.floor(counts * ((1 << RANS_PREC) / max(counts.sum(), 1))).astype(np.int64)
+    f[(counts > 0) & (f == 0)] = 1
+    f[np.argmax(f)] += (1 << RANS_PREC) - f.sum()
+    return f
+
+
+def rans_lanes(values, fill):
+    """Symbol i to lane i % RANS_LANES of step i // RANS_LANES, the last step filled with `fill`."""
+    steps = -(-len(values) // RANS_LANES)
+    return np.concatenate([values.astype(np.int64), np.full(steps * RANS_LANES - len(values), fill)]).reshape(
+        steps, RANS_LANES)
+
+
+def rans_encode(symbols, model, freqs):
+    """Bytes, each coded under the frequencies freqs[model[i]] -> (final states, 16-bit words). Coded last to
+    first, so the decoder reads the words forward; a step's renormalisations are read back at that step."""
+    cum = np.cumsum(freqs, 1) - freqs
+    s, t = rans_lanes(symbols, -1), rans_lanes(model, 0)
+    x, out = np.full(RANS_LANES, RANS_LOW, np.int64), [np.zeros(0, np.uint16)] * (len(s) + 1)
+    for k in range(len(s) - 1, -1, -1):
+        live = s[k] >= 0  # padding codes nothing (a full-range symbol)
+        f = np.where(live, freqs[t[k], s[k]], 1 << RANS_PREC)
+        emit = x >= f << (32 - RANS_PREC)
+        out[k] = (x[emit] & 0xFFFF).astype(np.uint16)
+        x = np.where(emit, x >> 16, x)
+        x = (x // f << RANS_PREC) + x % f + np.where(live, cum[t[k], s[k]], 0)
+    return x.astype("<u4"), np.concatenate(out).astype("<u2")
+
+
+def rans_decode(states, words, model, freqs):
+    cum, n = np.cumsum(freqs, 1) - freqs, len(model)
+    symbol_at = np.stack([np.repeat(np.arange(freqs.shape[1]), f) for f in freqs] or [np.zeros(1, np.int64)])
+    t, live = rans_lanes(model, 0), rans_lanes(np.ones(n, np.int64), 0) > 0
+    x, words, pos, out = states.astype(np.int64), words.astype(np.int64), 0, np.empty(t.shape, np.uint8)
+    for k in range(len(t)):
+        slot = x & ((1 << RANS_PREC) - 1)
+        out[k] = sym = symbol_at[t[k], slot]
+        x = np.where(live[k], freqs[t[k], sym] * (x >> RANS_PREC) + slot - cum[t[k], sym], x)  # padding: identity
+        read = x < RANS_LOW
+        x[read] = x[read] << 16 | words[pos:pos + int(read.sum())]
+        pos += int(read.sum())
+    if pos != len(words) or (x != RANS_LOW).any():
+        raise ValueError("rANS stream does not end where it should")
+    return out.reshape(-1)[:n]
+
+
+def rans_pack(blob, code):
+    """COMPRESSOR=rans: the whole-byte levels rANS-coded under one histogram per tensor; everything else (header,
+    steps, fp16 values, packed levels, the histograms) coded by `code` in chunks."""
+    cuts = level_sections(blob)
+    data, gaps = np.frombuffer(blob, np.uint8), zip([0] + [e for _, e in cuts], [a for a, _ in cuts] + [len(blob)])
+    sections = [data[a:b] for a, b in cuts]
+    freqs = np.stack([rans_freqs(np.bincount(v, minlength=256)) for v in sections]) if cuts else np.zeros((0, 256))
+    model = np.repeat(np.arange(len(cuts)), [len(v) for v in sections])
+    states, words = rans_encode(np.concatenate([np.zeros(0, np.uint8), *sections]), model, freqs)
+    side = chunked(code, b"".join(blob[a:b] for a, b in gaps) + freqs.astype("<u2").tobytes())
+    return len(side).to_bytes(4, "little") + side + states.tobytes() + words.tobytes()
+
+
+def rans_unpack(raw, decode):
+    n = int.from_bytes(raw[:4], "little")
+    side = unchunked(decode, raw[4:4 + n])
+    cuts = level_sections(side)
+    rest_len = len(side) - 512 * len(cuts)
+    freqs = np.frombuffer(side, "<u2", 256 * len(cuts), rest_len).reshape(-1, 256).astype(np.int64)
+    model = np.repeat(np.arange(len(cuts)), [b - a for a, b in cuts])
+    states = np.frombuffer(raw, "<u4", RANS_LANES, 4 + n)
+    levels = rans_decode(states, np.frombuffer(raw, "<u2", offset=4 + n + 4 * RANS_LANES), model, freqs).tobytes()
+    parts, rest, done, prev = [], 0, 0, 0  # the gaps (from side) and the sections (from levels) in blob order
+    for a, b in cuts:
+        parts += [side[rest:rest + a - prev], levels[done:done + b - a]]
+        rest, done, prev = rest + a - prev, done + b - a, b
+    return b"".join(parts) + side[rest:rest_len]
+
+
 def compress(blob, method):
-    """(compressor name, bytes, sizes tried): zstd level 22, brotli quality 11, or whichever is smaller (auto),
-    of each CHUNK_BYTES piece, after a table of the pieces' lengths."""
+    """(compressor name, bytes, sizes tried): zstd level 22 or brotli quality 11 in CHUNK_BYTES pieces, rANS for
+    the levels with brotli for the rest (rans), or whichever is smallest (auto)."""
     coders = {}
     try:
         if method in ("zstd", "auto"):
             import zstandard
-            coders["zstd"] = lambda b: zstandard.ZstdCompressor(level=22).compress(b)
-        if method in ("brotli", "auto"):
+            coders["zstd"] = lambda b: chunked(lambda c: zstandard.ZstdCompressor(level=22).compress(c), b)
+        if method in ("brotli", "rans", "auto"):
             import brotli
-            coders["brotli"] = lambda b: brotli.compress(b, quality=11, lgwin=24)
+            code = functools.partial(brotli.compress, quality=11, lgwin=24)
+            if method != "rans":
+                coders["brotli"] = lambda b: chunked(code, b)
+            if method != "brotli":
+                coders["rans"] = lambda b: rans_pack(b, code)
     except ImportError as e:
         raise ConfigError(f"COMPRESSOR={method} needs the '{e.name}' package: pip install {e.name}") from None
-    chunks, out = [blob[i:i + CHUNK_BYTES] for i in range(0, len(blob), CHUNK_BYTES)], {}
-    with concurrent.futures.ThreadPoolExecutor(len(os.sched_getaffinity(0))) as pool:
-        for name, code in coders.items():
-            parts = list(pool.map(code, chunks))
-            out[name] = np.array([len(parts), *map(len, parts)], "<u4").tobytes() + b"".join(parts)
+    out = {name: fn(blob) for name, fn in coders.items()}
     name = min(out, key=lambda k: len(out[k]))
     return name, out[name], {k: len(v) for k, v in out.items()}
 
@@ -1668,18 +1781,14 @@ def read_artifact(path):
     if not raw.startswith(ARTIFACT_MAGIC):
         raise ConfigError(f"{path}: not an artifact written by this version of the script (bad magic); for a float "
                           "checkpoint (logs/<RUN_ID>_model.pt) use EXPORT_FROM")
-    name, n = raw[8:16].rstrip(b"\0").decode(), int.from_bytes(raw[16:20], "little")
+    name, payload = raw[8:16].rstrip(b"\0").decode(), raw[16:]
     try:
         if name == "zstd":
             import zstandard
-            decode = zstandard.ZstdDecompressor().decompress
-        else:
-            import brotli
-            decode = brotli.decompress
-        ends = np.cumsum(np.frombuffer(raw, "<u4", n, 20), dtype=np.int64) + 20 + 4 * n  # the chunk table
-        if not n or ends[-1] != len(raw):
-            raise ValueError("chunk table does not match the file's length")
-        return deserialize(b"".join(decode(raw[a:b]) for a, b in zip([20 + 4 * n, *ends[:-1]], ends)))
+            return deserialize(unchunked(zstandard.ZstdDecompressor().decompress, payload))
+        import brotli
+        return deserialize(rans_unpack(payload, brotli.decompress) if name == "rans" else
+                           unchunked(brotli.decompress, payload))
     except ImportError as e:
         raise ConfigError(f"{path} is {name}-compressed: pip install {e.name}") from None
     except Exception as e:

@@ -145,10 +145,10 @@ def test_artifact_roundtrip_is_bit_exact(trained, tmp_path):
     assert qstate["blocks.2.mlp.fc.weight"][2] == 8 and qstate["blocks.0.mlp.fc.weight"][2] == 6
     assert qstate["tok_emb.weight"][2] == 8 and qstate["app_emb"].dtype == torch.float16
     config = hparams(CRAWLER_LOOPS=3).model_config()
-    for method in ("zstd", "brotli", "auto"):
+    for method in ("zstd", "brotli", "rans", "auto"):
         path = str(tmp_path / f"a_{method}.ptz")
         name, sizes = T.write_artifact(path, qstate, config, method)
-        assert name == method or (method == "auto" and sizes[name] == min(sizes.values()) and len(sizes) == 2)
+        assert name == method or (method == "auto" and sizes[name] == min(sizes.values()) and len(sizes) == 3)
         assert os.path.getsize(path) == 16 + sizes[name]
         back, cfg = T.read_artifact(path)
         assert cfg["crawler_loops"] == 3 and list(back) == list(qstate)
@@ -379,6 +379,40 @@ def test_artifacts_are_coded_in_chunks(monkeypatch, tmp_path):
     (tmp_path / "cut.ptz").write_bytes(raw[:-1])
     with pytest.raises(T.ConfigError, match="cut.ptz: corrupt or truncated artifact"):
         T.read_artifact(str(tmp_path / "cut.ptz"))
+
+
+def test_rans_codes_levels_near_their_entropy_and_reads_back_exactly(tmp_path):
+    """COMPRESSOR=rans: whole-byte levels cost their per-tensor order-0 entropy (+0.5%) plus the coder states,
+    less than brotli (auto so picks rans), and every layout reads back bit-exactly: whole-byte and packed levels,
+    fp16 values, a one-level tensor, a length off the lane count. A cut or altered stream is one clear error."""
+    g = torch.Generator().manual_seed(2)
+
+    def quantized(rows, cols, bits, k):
+        W = torch.randn(rows, cols, generator=g)
+        step = T.row_scales(W, bits, k).half().float()
+        return T.quantize_rtn(W, step, bits).to(torch.int8), step.half(), bits
+
+    qstate = {"a": quantized(1024, 1024, 6, 12.85), "e": quantized(333, 517, 7, 15.0), "v": torch.randn(11).half(),
+              "p": quantized(64, 96, 4, 10.0), "z": (torch.zeros(3, 5, dtype=torch.int8), torch.ones(3, 1).half(), 6)}
+    blob = T.serialize(qstate, {"x": 1})
+    name, packed, sizes = T.compress(blob, "auto")
+    assert name == "rans" and sizes["rans"] < min(sizes["brotli"], sizes["zstd"]), sizes
+    entropy = 0.0
+    for key in "aez":
+        counts = np.bincount(T.level_codes(*qstate[key][::2]), minlength=256)
+        p = counts[counts > 0] / counts.sum()
+        entropy -= counts.sum() * (p * np.log2(p)).sum() / 8
+    coded = len(packed) - 4 - int.from_bytes(packed[:4], "little")  # final states and words
+    assert entropy <= coded <= 1.005 * entropy + 4 * T.RANS_LANES, (coded, entropy)
+    path = str(tmp_path / "r.ptz")
+    T.write_artifact(path, qstate, {"x": 1}, "rans")
+    back, cfg = T.read_artifact(path)
+    assert T.serialize(back, cfg) == blob
+    raw = open(path, "rb").read()
+    for bad, data in (("cut", raw[:-2]), ("flipped", raw[:-100] + bytes([raw[-100] ^ 1]) + raw[-99:])):
+        (tmp_path / f"{bad}.ptz").write_bytes(data)
+        with pytest.raises(T.ConfigError, match=f"{bad}.ptz: corrupt or truncated artifact"):
+            T.read_artifact(str(tmp_path / f"{bad}.ptz"))
 
 
 def test_lqer_lowers_the_reconstruction_error(trained, tmp_path):
