@@ -138,7 +138,7 @@ def tokenizer_error(message: str) -> str:
 
 
 def train_tokenizer(docs, vocab_size: int, prefix: str, max_sentences: int, seed: int,
-                    use_caseops: bool = False) -> str:
+                    use_caseops: bool = False, normalization: str = "nmt_nfkc") -> str:
     import sentencepiece as spm
 
     Path(prefix).parent.mkdir(parents=True, exist_ok=True)
@@ -152,7 +152,7 @@ def train_tokenizer(docs, vocab_size: int, prefix: str, max_sentences: int, seed
         spm.SentencePieceTrainer.train(
             sentence_iterator=train_sentences(docs, max_len), model_prefix=prefix,
             vocab_size=vocab_size, model_type="bpe", byte_fallback=True, split_digits=True,
-            normalization_rule_name="nmt_nfkc", add_dummy_prefix=False,
+            normalization_rule_name=normalization, add_dummy_prefix=False,
             pad_id=0, bos_id=1, eos_id=2, unk_id=3, max_sentence_length=max_len,
             input_sentence_size=max_sentences, shuffle_input_sentence=True, num_threads=1,
             minloglevel=2, **extra)
@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--tokenizer-out", metavar="PREFIX", help="writes PREFIX.model/.vocab")
     ap.add_argument("--tokenizer-sentences", type=int, default=2_000_000, help="training sentence cap")
     ap.add_argument("--tokenizer-seed", type=int, default=1337)
+    ap.add_argument("--normalization", choices=("nmt_nfkc", "identity"), default="nmt_nfkc",
+                    help="of a trained tokenizer: nmt_nfkc (the sp1024 recipe: NFKC, line breaks become spaces) "
+                         "or identity (the sp8192 model's: text kept as it is, runs of spaces collapsed)")
     ap.add_argument("--overwrite", action="store_true", help="replace shards already in --out-dir")
     ap.add_argument("--caseops", action="store_true",
                     help="lossless case transform before tokenizing, plus val byte sidecars (see above)")
@@ -249,7 +252,7 @@ def run(args: argparse.Namespace) -> int:
     transform = caseops.encode if args.caseops else (lambda text: text)
     if args.train_tokenizer is not None:  # train docs only: val must stay unseen
         model = train_tokenizer(map(transform, splits["train"]), args.train_tokenizer, args.tokenizer_out,
-                                args.tokenizer_sentences, args.tokenizer_seed, args.caseops)
+                                args.tokenizer_sentences, args.tokenizer_seed, args.caseops, args.normalization)
     try:
         sp = spm.SentencePieceProcessor(model_file=str(model))
     except (RuntimeError, OSError) as e:

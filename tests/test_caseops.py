@@ -234,3 +234,24 @@ def test_overwrite_drops_stale_sidecars(built, tmp_path, capsys):
     assert sorted(p.name for p in out.glob("*.bin")) == [
         "fineweb_train_000000.bin", "fineweb_val_000000.bin", "fineweb_val_bytes_000000.bin"]
     assert len(read_shard(out / "fineweb_val_bytes_000000.bin")) == len(read_shard(out / "fineweb_val_000000.bin"))
+
+
+def test_identity_normalization_keeps_the_text_and_counts_every_byte(tmp_path):
+    """--normalization identity (the sp8192 model's) keeps line breaks and fullwidth letters, which nmt_nfkc
+    (the sp1024 recipe, the default) turns into spaces and ASCII and leaves out of the byte count: a CaseOps
+    tokenizer compared with the sp8192 one must be trained with identity to score the same text."""
+    text = "Line one\nLine TWO\n\n\uff32eal end"
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d}) + "\n" for d in [text] + stdlib_docs(600_000)))
+    got = {}
+    for norm in ("nmt_nfkc", "identity"):
+        out = tmp_path / norm
+        assert build_shards.main(["--inputs", str(corpus), "--val-docs", "1", "--caseops", "--normalization", norm,
+                                  "--train-tokenizer", str(VOCAB), "--tokenizer-out", str(tmp_path / norm / "co"),
+                                  "--out-dir", str(out)]) == 0
+        sp = spm.SentencePieceProcessor(model_file=str(out / "co.model"))
+        val, _ = read_split(out, "val")
+        side, _ = read_split(out, "val_bytes")
+        got[norm] = caseops.decode(sp.decode(val[1:].tolist())), int(side.sum())
+    assert got["identity"] == (text, len(text.encode("utf-8")))
+    assert got["nmt_nfkc"] == ("Line one Line TWO Real end", 26)
