@@ -201,6 +201,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--val-docs", type=int, required=True, help="first N docs go to val")
     ap.add_argument("--text-key", default="text")
     ap.add_argument("--shuffle-seed", type=int, default=None, help="shuffle documents before the split")
+    ap.add_argument("--train-docs", type=int, default=None,
+                    help="keep only the first N train documents (the tokenizer is trained on those too)")
     ap.add_argument("--shard-tokens", type=int, default=100_000_000)
     tok = ap.add_mutually_exclusive_group(required=True)
     tok.add_argument("--tokenizer", help="existing SentencePiece .model")
@@ -229,8 +231,8 @@ def run(args: argparse.Namespace) -> int:
         raise UsageError("--train-tokenizer needs --tokenizer-out PREFIX (where to write the model)")
     if args.train_tokenizer is not None and args.train_tokenizer > 2**16:
         raise UsageError(f"vocab {args.train_tokenizer} does not fit uint16 shards: use at most 65536")
-    if args.val_docs < 0 or args.shard_tokens <= 0:
-        raise UsageError("--val-docs must be >= 0 and --shard-tokens > 0")
+    if args.val_docs < 0 or args.shard_tokens <= 0 or (args.train_docs is not None and args.train_docs < 1):
+        raise UsageError("--val-docs must be >= 0, --shard-tokens and --train-docs > 0")
     if args.tokenizer and not Path(args.tokenizer).is_file():
         raise UsageError(f"tokenizer not found: {args.tokenizer} (check --tokenizer)")
     out_dir = Path(args.out_dir)
@@ -246,7 +248,7 @@ def run(args: argparse.Namespace) -> int:
                          "lower --val-docs or add inputs")
     if args.shuffle_seed is not None:
         random.Random(args.shuffle_seed).shuffle(docs)
-    splits = {"val": docs[:args.val_docs], "train": docs[args.val_docs:]}
+    splits = {"val": docs[:args.val_docs], "train": docs[args.val_docs:][:args.train_docs]}
 
     model = args.tokenizer
     transform = caseops.encode if args.caseops else (lambda text: text)

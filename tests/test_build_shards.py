@@ -209,6 +209,19 @@ def test_txt_blank_lines_separate_documents(built, tmp_path, capsys):
     assert (splits["val"]["docs"], splits["train"]["docs"]) == (2, 3)
 
 
+def test_train_docs_keeps_the_first_train_documents(built, tmp_path, capsys):
+    book = tmp_path / "book.txt"
+    book.write_text("\n\n".join(PARAGRAPHS))
+    out = tmp_path / "out"
+    rc = build_shards.main(["--inputs", str(book), "--val-docs", "1", "--train-docs", "2", "--tokenizer",
+                            str(built["tmp"] / "tok" / "sp.model"), "--out-dir", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    sp = built["sp"]
+    val = [sp.decode(ids) for ids in split_at_bos(read_shard(out / "fineweb_val_000000.bin"))]
+    train = [sp.decode(ids) for ids in split_at_bos(read_shard(out / "fineweb_train_000000.bin"))]
+    assert len(PARAGRAPHS) > 3 and (val, train) == (PARAGRAPHS[:1], PARAGRAPHS[1:3])
+
+
 def test_txt_documents_keep_their_lines(tmp_path):
     # Exact texts (the tokenizer's normalization would hide indentation and line breaks).
     docs = ["  indented first line\nsecond line  ", "one\n\tmore", "last, no final newline"]
