@@ -152,6 +152,27 @@ def test_flex_matches_masked_sdpa(monkeypatch):
         assert torch.allclose(flex, sdpa, atol=1e-5), docs
 
 
+def test_flex_mask_on_cuda_is_compiled_without_the_deprecated_flag(monkeypatch):
+    """Eager flex on CUDA builds its document mask through torch.compile(create_block_mask), not create_block_mask's
+    `_compile=True`, which torch 2.11 warns about in every eval ("will be removed in the future")."""
+    import warnings
+    compiled = []
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
+    monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the CUDA branch, run on the CPU
+    monkeypatch.setitem(T.ATTN, "name", "flex")
+    T.compiled_block_mask.cache_clear()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", DeprecationWarning)
+        layout = T.attention_layout(packed_idx(), True)
+    assert [fn.__name__ for fn in compiled] == ["create_block_mask"]
+    monkeypatch.undo()
+    q, k, v = (x.detach() for x in qkv())
+    monkeypatch.setitem(T.ATTN, "name", "flex")
+    flex = T.attend(q, k, v, layout)
+    monkeypatch.setitem(T.ATTN, "name", "sdpa")
+    assert torch.allclose(flex, T.attend(q, k, v, T.attention_layout(packed_idx(), True)), atol=1e-5)
+
+
 def test_attention_choice(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert T.select_attention("auto") == "sdpa (auto: no FlashAttention 3 or 4 importable on CUDA)"
