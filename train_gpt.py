@@ -746,13 +746,6 @@ VARLEN_DOC_TOKENS = 256
 FLEX_BLOCK = 128  # FlexAttention's block size
 
 
-@functools.cache
-def compiled_block_mask():
-    """create_block_mask compiled once: eager, it materialises the whole [B, T, T] mask."""
-    from torch.nn.attention.flex_attention import create_block_mask
-    return torch.compile(create_block_mask)
-
-
 def attention_layout(idx, docs):
     """What `attend` needs beyond q, k, v, built per forward on the device (no host sync); None without `docs`
     (plain causal). With `docs`: SDPA a mask [B, 1, T, T]; FlashAttention the int32 starts of every BOS and row,
@@ -766,7 +759,8 @@ def attention_layout(idx, docs):
         ids = F.pad(ids, (0, -T % FLEX_BLOCK))
         keep = lambda b, h, q, kv: (q >= kv) & (ids[b, q] == ids[b, kv])
         eager_cuda = idx.is_cuda and not torch.compiler.is_compiling()  # (a compiled model fuses it anyway)
-        return (compiled_block_mask() if eager_cuda else create_block_mask)(keep, B, None, T, T, device=idx.device)
+        build = torch.compile(create_block_mask) if eager_cuda else create_block_mask  # (its _compile=True is deprecated)
+        return build(keep, B, None, T, T, device=idx.device)
     if ATTN["name"] in ATTN_PACKAGES:
         starts = (idx == BOS_ID) | (torch.arange(T, device=idx.device) == 0)
         starts &= starts.cumsum(1) <= 1 + T // VARLEN_DOC_TOKENS  # a row's surplus documents merge in that row

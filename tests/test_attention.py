@@ -160,7 +160,6 @@ def test_flex_mask_on_cuda_is_compiled_without_the_deprecated_flag(monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: compiled.append(fn) or fn)
     monkeypatch.setattr(torch.Tensor, "is_cuda", property(lambda self: True))  # the CUDA branch, run on the CPU
     monkeypatch.setitem(T.ATTN, "name", "flex")
-    T.compiled_block_mask.cache_clear()
     with warnings.catch_warnings():
         warnings.simplefilter("error", DeprecationWarning)
         layout = T.attention_layout(packed_idx(), True)
