@@ -152,7 +152,7 @@ class Hyperparameters:
         self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
         r.group = "train"  # settings an artifact does not carry (EVAL_ONLY reports none of them)
         self.qk_gain_init = f("QK_GAIN_INIT", 4.0, lo=0)
-        self.crawler_start_frac = f("CRAWLER_START_FRAC", 0.0, lo=0, hi=1)  # crawler once until this share of the budget
+        self.crawler_start_frac = r.read("CRAWLER_START_FRAC", (), floats)  # budget shares where loops 2.. start: one, or one each
         self.tied_embed_init_std = f("TIED_EMBED_INIT_STD", 0.005, lo=0)
         # Optimizers
         self.matrix_lr = f("MATRIX_LR", 0.03, lo=0)  # Muon, block matrices
@@ -271,8 +271,11 @@ class Hyperparameters:
             raise ConfigError("QUANT_FIT=1 scales SDClip widths: set GPTQ_SDCLIP_K (e.g. 12), it is 0 (clip search)")
         if self.doc_attention and self.sdpa_backend == "flash":
             raise ConfigError("SDPA_BACKEND=flash takes no mask: DOC_ATTENTION=1 needs auto, efficient, cudnn or math")
-        if self.crawler_start_frac >= 1:
-            raise ConfigError(f"CRAWLER_START_FRAC={self.crawler_start_frac}: must be below 1 (the loops must train)")
+        starts = self.crawler_start_frac
+        if starts and (len(starts) not in (1, self.crawler_loops - 1) or list(starts) != sorted(starts)
+                       or not 0 <= starts[0] <= starts[-1] < 1):
+            raise ConfigError(f"CRAWLER_START_FRAC={','.join(map(str, starts))}: give one share of the budget in [0, 1) "
+                              f"for all later loops, or {self.crawler_loops - 1} ascending ones, one per loop 2..{self.crawler_loops}")
         if self.muon_ns == "polar" and self.muon_backend_steps != len(NS_COEFFS["polar"]):
             raise ConfigError(f"MUON_BACKEND_STEPS={self.muon_backend_steps}: MUON_NS=polar is tuned for exactly "
                               f"{len(NS_COEFFS['polar'])} steps")
@@ -315,6 +318,17 @@ class Hyperparameters:
             raise ConfigError(f"CRAWLER_CARRY={spec!r}: use learned, or frozen:<{n} betas>;<{n * n} alphas> "
                               "(comma-separated; alpha row by row)")
         return torch.tensor(beta), torch.tensor(alpha).view(n, n)
+
+    def loops_at(self, progress):
+        """Crawler loops training runs at this share of the budget: 1, then loop k+2 from CRAWLER_START_FRAC[k]
+        (one value: every later loop at once); no value: all loops throughout."""
+        starts = self.crawler_start_frac * max(self.crawler_loops - 1, 0) if len(self.crawler_start_frac) == 1 \
+            else self.crawler_start_frac
+        return 1 + sum(progress >= s for s in starts) if starts else self.crawler_loops
+
+    def loop_counts(self):
+        """Every loop count training takes (each one a route and a compiled graph) and the full count."""
+        return sorted({self.loops_at(s) for s in (0.0, *self.crawler_start_frac)} | {self.crawler_loops})
 
     def ttt_phase_batches(self):
         """The batch after which each phased-TTT phase runs: the one that brings the documents scored past
@@ -1001,13 +1015,11 @@ class GPT(nn.Module):
                                     [Block(h, h.crawler_mlp_mult, xsa[n_flat + c]) for c in range(n_crawl)])
         self.schedule = build_schedule(n_flat, h.num_encoder_layers, n_crawl, h.crawler_loops)
         P = len(self.schedule)
-        # Routes: every loop (eval, export, training from CRAWLER_START_FRAC), and the crawler once before.
+        # Routes by crawler loop count: all loops (eval, export, training from CRAWLER_START_FRAC) and fewer before.
         executed = h.unet_skips == "executed"
-        self.routes = {True: route(self.schedule, list(range(P)), executed, h.parallel_last_n)}
-        if h.crawler_start_frac:
-            once = [p for p, (_, _, k) in enumerate(self.schedule) if k <= 0]
-            self.routes[False] = route(self.schedule, once, executed, h.parallel_last_n)
-        self.looping, self.doc_attention = True, h.doc_attention  # which route the forward takes; BOS masking
+        self.routes = {n: route(self.schedule, [p for p, (_, _, k) in enumerate(self.schedule) if k < n], executed,
+                                h.parallel_last_n) for n in h.loop_counts()}
+        self.loops, self.doc_attention = h.crawler_loops, h.doc_attention  # which route the forward takes; BOS masking
         self.softcap, self.head_lora = h.logit_softcap, None
         self.stream_dtype = torch.bfloat16 if h.stream_dtype == "bf16" else torch.float32
         self.tok_emb = nn.Embedding(h.vocab_size, d)
@@ -1027,7 +1039,7 @@ class GPT(nn.Module):
         self.lane_post = nn.Parameter(torch.ones(R, 2, 2)) if lanes else None  # [row, attn/mlp, lane]
         used = [sum(k >= 0 for k in r.receive) for r in self.routes.values()]
         if 0 in used and max(used):  # DDP needs every parameter in every step's graph
-            raise ConfigError("CRAWLER_START_FRAC: with the crawler run once this layout has no U-Net skip, so the skip "
+            raise ConfigError("CRAWLER_START_FRAC: with fewer crawler loops this layout has no U-Net skip, so the skip "
                               "weights would get no gradient; use UNET_SKIPS=flat or more blocks")
         self.skip_weights = nn.Parameter(torch.ones(max(used), d)) if max(used) else None
         self.skip_gates = nn.Parameter(torch.zeros(max(used), d)) if max(used) and h.skip_gate else None
@@ -1048,7 +1060,7 @@ class GPT(nn.Module):
         else:
             self.register_buffer("carry_beta", carry and carry[0], persistent=False)
             self.register_buffer("carry_alpha", carry and carry[1], persistent=False)
-        lanes_from = self.routes[True].lanes_from
+        lanes_from = self.routes[h.crawler_loops].lanes_from
         if carry and any(role == "mid" for _, role, _ in self.schedule[lanes_from:]):
             raise ConfigError(f"CRAWLER_CARRY with PARALLEL_LAST_N={h.parallel_last_n}: the lanes must start after "
                               "the last crawler application")
@@ -1074,12 +1086,12 @@ class GPT(nn.Module):
     CONTROL_NAMES = ("app_emb", "resid_mix", "attn_scale", "mlp_scale", "q_gain", "lane_resid", "lane_post")
 
     @torch.no_grad()
-    def start_loops(self, tensors):
-        """At CRAWLER_START_FRAC: loops 1..'s control rows (idle until now but for weight decay) restart as
-        copies of loop 0's. `tensors`: {parameter name: tensor}, live or EMA."""
+    def start_loops(self, tensors, since=1):
+        """At CRAWLER_START_FRAC: the control rows of loops `since`.. (idle until now but for weight decay) restart
+        as copies of loop 0's. `tensors`: {parameter name: tensor}, live or EMA."""
         first = {j: p for p, (j, _, k) in enumerate(self.schedule) if k == 0}
         for p, (j, _, k) in enumerate(self.schedule):
-            if k > 0 and self.row[p] != self.row[first[j]]:
+            if k >= max(since, 1) and self.row[p] != self.row[first[j]]:
                 for name in self.CONTROL_NAMES:
                     if name in tensors:
                         tensors[name][self.row[p]] = tensors[name][self.row[first[j]]]
@@ -1117,7 +1129,7 @@ class GPT(nn.Module):
         if idx.is_cuda:  # the residual stream's dtype (CPU runs stay fp32)
             x = x.to(self.stream_dtype)
         x0, skips, lanes, carry = x, [], None, {}
-        r, layout = self.routes[self.looping], attention_layout(idx, self.doc_attention)
+        r, layout = self.routes[self.loops], attention_layout(idx, self.doc_attention)
         for i, p in enumerate(r.positions):
             if i == r.lanes_from:
                 lanes = [x, x]
@@ -2159,8 +2171,8 @@ class Trainer:
             return
         gen = torch.Generator().manual_seed(0)
         with rolled_back(self.model, self.opts):
-            for looping in sorted(self.model.routes):  # each route training takes
-                self.model.looping = looping
+            for loops in sorted(self.model.routes):  # each route training takes
+                self.model.loops = loops
                 for s in range(steps):
                     toks = torch.randint(0, vocab, (self.accum, micro_seqs, seq_len + 1), generator=gen).to(device)
                     self.step([(t[:, :-1], t[:, 1:]) for t in toks], *schedule(s, 0.0, self.h))
@@ -2240,14 +2252,14 @@ def train(h, run, model, compiled, val, plan):
         while not stop:
             progress = elapsed / budget_ms if h.max_wallclock_seconds else step / h.iterations
             lr_mult, momentum = schedule(step, progress, h)
-            if model.looping != (progress >= h.crawler_start_frac):
-                model.looping = not model.looping
-                if model.looping:  # the later loops start from loop 0's control rows, live and EMA
+            if model.loops != (loops := h.loops_at(progress)):
+                if loops > model.loops:  # the new loops start from loop 0's control rows, live and EMA
                     names = [n for n, _ in model.named_parameters()]
                     for tensors in [dict(model.named_parameters())] + ([dict(zip(names, ema.shadow))] if ema else []):
-                        model.start_loops(tensors)
-                run.log(f"step {step}: the crawler runs {'every loop' if model.looping else 'once'} "
-                        f"(progress {progress:.3f}, CRAWLER_START_FRAC={h.crawler_start_frac})")
+                        model.start_loops(tensors, since=model.loops)
+                model.loops = loops
+                run.log(f"step {step}: the crawler runs {loops} of {h.crawler_loops} loops "
+                        f"(progress {progress:.3f}, CRAWLER_START_FRAC={','.join(map(str, h.crawler_start_frac))})")
             loss = trainer.step(loader.next_step(micro_seqs, accum), lr_mult, momentum)
             step += 1
             own = train_ms + 1000 * (time.perf_counter() - t0)
@@ -2267,14 +2279,14 @@ def train(h, run, model, compiled, val, plan):
             if h.val_loss_every and step % h.val_loss_every == 0 and not stop:
                 run.sync()
                 train_ms += 1000 * (time.perf_counter() - t0)
-                looping, model.looping = model.looping, True  # evaluations run every loop
+                model.loops = h.crawler_loops  # evaluations run every loop
                 timed_eval(run, {}, f"step {step}", None, lambda: evaluate(compiled, val.tokens, val.luts, h, run))
-                model.looping, t0 = looping, time.perf_counter()
+                model.loops, t0 = loops, time.perf_counter()
     run.sync()
     end = time.perf_counter()
     train_ms += 1000 * (end - t0)
     model.set_qat(0)
-    model.looping = True  # export and every evaluation run all loops
+    model.loops = h.crawler_loops  # export and every evaluation run all loops
     run.log(f"training: {step} steps in {train_ms / 1000:.1f}s ({train_ms / max(step, 1):.1f} ms/step)"
             + (f", interrupted by {signal.Signals(signum).name}" if signum else ""))
     new = [b - a for a, b in zip(graphs, compile_stats())]
@@ -2407,8 +2419,8 @@ def prepare(h, run):
     n_params = sum(p.numel() for p in model.parameters())
     run.log(f"model: {n_params:,} params | schedule {' '.join(f'{j}{role[0]}' for j, role, _ in model.schedule)}"
             f" | xsa {h.xsa_flags()}")
-    for looping, r in model.routes.items():
-        run.log(f"route, crawler {'every loop' if looping else 'once'} (block: * saved for a skip, + receives one, = in "
+    for loops, r in model.routes.items():
+        run.log(f"route, {loops} crawler loops (block: * saved for a skip, + receives one, = in "
                 "two lanes): " + " ".join("+" * (r.receive[i] >= 0) + str(model.schedule[p][0]) + "*" * r.save[i]
                                           + "=" * (i >= r.lanes_from) for i, p in enumerate(r.positions)))
     flops = 6 * n_params * h.train_batch_tokens

@@ -23,9 +23,9 @@ def batch(h, n=2, seed=0):
     return t[:, :-1], t[:, 1:]
 
 
-def pairs(model, looping):
+def pairs(model, loops):
     """(receiving block, block whose output it receives) per skip, following the forward's LIFO stack."""
-    r, stack, out = model.routes[looping], [], []
+    r, stack, out = model.routes[loops], [], []
     for i, p in enumerate(r.positions):
         j = model.schedule[p][0]
         if r.receive[i] >= 0:
@@ -40,27 +40,27 @@ def test_record_layout_and_executed_skips():
     decoder flats 3..7); its encoder is the first 8 applications, the next 8 receive skips, the last none."""
     _, model = model_of(**RECORD, UNET_SKIPS="executed", CRAWLER_START_FRAC=0.35)
     assert [j for j, _, _ in model.schedule] == [0, 1, 2] + [8, 9, 10] * 3 + [3, 4, 5, 6, 7]
-    full = model.routes[True]
+    full = model.routes[3]
     assert full.save == [True] * 8 + [False] * 9
     assert full.receive == [-1] * 8 + list(range(8)) + [-1]
     # decoder position k takes encoder output 7 - k (in record numbering: d0 <- e7 (blk4), d7 <- e0 (blk0))
-    assert pairs(model, True) == [(10, 9), (8, 8), (9, 10), (10, 9), (3, 8), (4, 2), (5, 1), (6, 0)]
+    assert pairs(model, 3) == [(10, 9), (8, 8), (9, 10), (10, 9), (3, 8), (4, 2), (5, 1), (6, 0)]
     # the crawler once: an 11-application U-Net, 5 save, the next 5 receive, the last none
-    once = model.routes[False]
+    once = model.routes[1]
     assert [model.schedule[p][0] for p in once.positions] == [0, 1, 2, 8, 9, 10, 3, 4, 5, 6, 7]
-    assert pairs(model, False) == [(10, 9), (3, 8), (4, 2), (5, 1), (6, 0)]
+    assert pairs(model, 1) == [(10, 9), (3, 8), (4, 2), (5, 1), (6, 0)]
     assert model.skip_weights.shape[0] == 8
 
 
 def test_flat_skips_and_encoder_size():
     _, model = model_of(**RECORD)
-    assert pairs(model, True) == [(3, 2), (4, 1), (5, 0)]  # encoder flats feed the first decoder flats
+    assert pairs(model, 3) == [(3, 2), (4, 1), (5, 0)]  # encoder flats feed the first decoder flats
     assert model_of(NUM_FLAT_LAYERS=5)[0].num_encoder_layers == 2  # default: half
     with pytest.raises(T.ConfigError, match="NUM_ENCODER_LAYERS=6: at most NUM_FLAT_LAYERS=5"):
         hparams(NUM_FLAT_LAYERS=5, NUM_ENCODER_LAYERS=6)
     # every encoder flat before the crawler, none after: the decoder side is the crawler alone
     _, model = model_of(NUM_FLAT_LAYERS=2, NUM_ENCODER_LAYERS=2)
-    assert [r for _, r, _ in model.schedule] == ["enc", "enc", "mid", "mid"] and not pairs(model, True)
+    assert [r for _, r, _ in model.schedule] == ["enc", "enc", "mid", "mid"] and not pairs(model, model.loops)
 
 
 def test_crawler_once_then_every_loop():
@@ -69,8 +69,8 @@ def test_crawler_once_then_every_loop():
     for c in range(8, 11):
         model.blocks[c].register_forward_pre_hook(lambda mod, args, c=c: calls.append(c))
     x, y = batch(h)
-    for looping, runs in ((False, 1), (True, 3)):
-        model.looping = looping
+    for runs in (1, 3):
+        model.loops = runs
         calls.clear()
         model(x, y)
         assert calls == [8, 9, 10] * runs
@@ -81,18 +81,18 @@ def test_warmup_compiles_both_routes_and_training_switches(tmp_path):
     training runs once until CRAWLER_START_FRAC, then every loop; export sees every loop."""
     h, model = model_of(**RECORD, CRAWLER_START_FRAC=0.5)
     seen = []
-    model.register_forward_pre_hook(lambda mod, args: seen.append(mod.looping))
+    model.register_forward_pre_hook(lambda mod, args: seen.append(mod.loops))
     trainer = T.Trainer(model, model, T.build_optimizers(model, h, T.Run(), T.newton_schulz), h, 1,
                         contextlib.nullcontext())
     trainer.warmup(2, 2, h.train_seq_len, h.vocab_size, torch.device("cpu"))
-    assert seen == [False, False, True, True]
+    assert seen == [1, 1, 3, 3]
     # without the switch only the every-loop graph is needed
     h1, m1 = model_of(**RECORD)
     seen1 = []
-    m1.register_forward_pre_hook(lambda mod, args: seen1.append(mod.looping))
+    m1.register_forward_pre_hook(lambda mod, args: seen1.append(mod.loops))
     T.Trainer(m1, m1, T.build_optimizers(m1, h1, T.Run(), T.newton_schulz), h1, 1,
               contextlib.nullcontext()).warmup(2, 2, h1.train_seq_len, h1.vocab_size, torch.device("cpu"))
-    assert seen1 == [True, True]
+    assert seen1 == [3, 3]
 
 
 def test_training_loop_switches_at_the_fraction(corpus, tmp_path):
@@ -101,10 +101,42 @@ def test_training_loop_switches_at_the_fraction(corpus, tmp_path):
                    EVAL_STRIDE="0", RUN_ID="switch", TRAIN_LOG_EVERY="1")
     rc, err, final, log = cli(env, tmp_path)
     assert rc == 0, err
-    assert "step 0: the crawler runs once (progress 0.000" in log
-    assert "step 4: the crawler runs every loop (progress 0.500" in log
-    assert "route, crawler once" in log and "crawler once (block: * saved for a skip, + receives one, = in two lanes): 0* 1* 2* 8 9 10 +3 +4 +5 6 7\n" in log
+    assert "step 0: the crawler runs 1 of 3 loops (progress 0.000" in log
+    assert "step 4: the crawler runs 3 of 3 loops (progress 0.500" in log
+    assert "route, 1 crawler loops (block: * saved for a skip, + receives one, = in two lanes): 0* 1* 2* 8 9 10 +3 +4 +5 6 7\n" in log
     assert final["steps"] == 8
+
+
+def test_loops_switch_on_one_at_a_time(corpus, tmp_path):
+    """CRAWLER_START_FRAC with one share per later loop: the crawler runs 1, then 2, then 3 loops; each count is a
+    route of its own (loop 2's crawler applications included, loop 3's not), compiled in the warm-up; the rows of
+    a loop switched on later restart from loop 0's then, not before."""
+    h, model = model_of(**RECORD, CRAWLER_START_FRAC="0.25,0.5", CONTROL_VECTORS="application")
+    assert [h.loops_at(p) for p in (0.0, 0.2, 0.25, 0.4, 0.5, 0.9)] == [1, 1, 2, 2, 3, 3]
+    assert sorted(model.routes) == [1, 2, 3] and h.loop_counts() == [1, 2, 3]
+    assert [model.schedule[p][0] for p in model.routes[2].positions] == [0, 1, 2] + [8, 9, 10] * 2 + [3, 4, 5, 6, 7]
+    with torch.no_grad():
+        model.resid_mix.normal_()
+    before = model.resid_mix.detach().clone()
+    model.start_loops(dict(model.named_parameters()), since=2)
+    rows = {k: [p for p, (_, _, kk) in enumerate(model.schedule) if kk == k] for k in range(3)}
+    assert torch.equal(model.resid_mix[rows[1]], before[rows[1]])  # loop 1 (already running) keeps its rows
+    assert torch.equal(model.resid_mix[rows[2]], before[rows[0]])
+    assert hparams(**RECORD, CRAWLER_START_FRAC="0.3").loops_at(0.3) == 3  # one value: every later loop at once
+    for bad in ("0.5,0.25", "0.1,0.2,0.3", "-0.1"):
+        with pytest.raises(T.ConfigError, match=f"CRAWLER_START_FRAC=.*: give one share of the budget in .0, 1. for all "
+                                                f"later loops, or 2 ascending ones"):
+            hparams(**RECORD, CRAWLER_START_FRAC=bad)
+    from conftest import cli, tiny_env
+    env = tiny_env(corpus, **RECORD, CRAWLER_START_FRAC="0.25,0.5", ITERATIONS="8", EVAL_STRIDE="0",
+                   QUANT_METHOD="rtn", RUN_ID="anneal", TRAIN_LOG_EVERY="1")
+    rc, err, final, log = cli(env, tmp_path)
+    assert rc == 0, err
+    switches = [line.split(": ", 1)[1].split(" (")[0] for line in log.splitlines() if "the crawler runs" in line]
+    assert switches == ["the crawler runs 1 of 3 loops", "the crawler runs 2 of 3 loops", "the crawler runs 3 of 3 loops"]
+    assert "step 2: the crawler runs 2 of 3 loops (progress 0.250, CRAWLER_START_FRAC=0.25,0.5)" in log
+    assert "step 4: the crawler runs 3 of 3 loops (progress 0.500" in log
+    assert "route, 2 crawler loops" in log and final["config"]["crawler_start_frac"] == [0.25, 0.5]
 
 
 def test_parallel_lanes_read_before_either_writes():
@@ -119,7 +151,7 @@ def test_parallel_lanes_read_before_either_writes():
     seen = {}
     for j in (6, 7, 5):  # 6, 7: the last two applications, in lanes; 5: serial
         model.blocks[j].mlp.fc.register_forward_pre_hook(lambda mod, args, j=j: seen.__setitem__(j, args[0].clone()))
-    assert model.routes[True].lanes_from == len(model.schedule) - 2
+    assert model.routes[3].lanes_from == len(model.schedule) - 2
     for j in (7, 5):
         model(x, y)
         before = seen[j]
@@ -246,7 +278,7 @@ def test_two_ranks_train_the_record_stack_identically(corpus, tmp_path):
                    DOC_ATTENTION=1)
     final, log = run_train(env, tmp_path, nproc=2)
     assert final["rank_weights_identical"] is True and final["steps"] == 6
-    assert "step 3: the crawler runs every loop" in log
+    assert "step 3: the crawler runs 3 of 3 loops" in log
     assert "quant fit: probe 2: SDClip widths x 0.5000" in log and final["quant_fit_scale"] == 0.5
     assert "attention: sdpa (auto" in log and final["config"]["doc_attention"] is True  # the masked SDPA on CPUs
 
@@ -254,9 +286,9 @@ def test_two_ranks_train_the_record_stack_identically(corpus, tmp_path):
 def test_layouts_without_skips_and_old_configs():
     _, model = model_of(NUM_FLAT_LAYERS=2, NUM_ENCODER_LAYERS=2)
     assert model.skip_weights is None  # no zero-size parameter that would never get a gradient
-    with pytest.raises(T.ConfigError, match="with the crawler run once this layout has no U-Net skip"):
+    with pytest.raises(T.ConfigError, match="with fewer crawler loops this layout has no U-Net skip"):
         model_of(NUM_FLAT_LAYERS=0, NUM_CRAWLER_LAYERS=1, UNET_SKIPS="executed", CRAWLER_START_FRAC=0.3)
-    with pytest.raises(T.ConfigError, match="CRAWLER_START_FRAC=1.0: must be below 1"):
+    with pytest.raises(T.ConfigError, match=r"CRAWLER_START_FRAC=1.0: give one share of the budget in \[0, 1\)"):
         hparams(CRAWLER_START_FRAC=1)
     with pytest.raises(T.ConfigError, match="MUON_BACKEND_STEPS=4: MUON_NS=polar is tuned for exactly 5 steps"):
         hparams(MUON_NS="polar", MUON_BACKEND_STEPS=4)
