@@ -271,11 +271,11 @@ class Hyperparameters:
             raise ConfigError("QUANT_FIT=1 scales SDClip widths: set GPTQ_SDCLIP_K (e.g. 12), it is 0 (clip search)")
         if self.doc_attention and self.sdpa_backend == "flash":
             raise ConfigError("SDPA_BACKEND=flash takes no mask: DOC_ATTENTION=1 needs auto, efficient, cudnn or math")
-        starts = self.crawler_start_frac
-        if starts and (len(starts) not in (1, self.crawler_loops - 1) or list(starts) != sorted(starts)
-                       or not 0 <= starts[0] <= starts[-1] < 1):
+        starts, k = self.crawler_start_frac, self.crawler_loops
+        if starts and not (self.eval_only or self.export_from) and (  # a training setting: checked when training
+                len(starts) not in (1, k - 1) or list(starts) != sorted(starts) or not 0 <= starts[0] <= starts[-1] < 1):
             raise ConfigError(f"CRAWLER_START_FRAC={','.join(map(str, starts))}: give one share of the budget in [0, 1) "
-                              f"for all later loops, or {self.crawler_loops - 1} ascending ones, one per loop 2..{self.crawler_loops}")
+                              "for all later loops" + (f", or {k - 1} ascending ones, one per later loop" if k > 2 else ""))
         if self.muon_ns == "polar" and self.muon_backend_steps != len(NS_COEFFS["polar"]):
             raise ConfigError(f"MUON_BACKEND_STEPS={self.muon_backend_steps}: MUON_NS=polar is tuned for exactly "
                               f"{len(NS_COEFFS['polar'])} steps")
@@ -1086,15 +1086,18 @@ class GPT(nn.Module):
     CONTROL_NAMES = ("app_emb", "resid_mix", "attn_scale", "mlp_scale", "q_gain", "lane_resid", "lane_post")
 
     @torch.no_grad()
-    def start_loops(self, tensors, since=1):
-        """At CRAWLER_START_FRAC: the control rows of loops `since`.. (idle until now but for weight decay) restart
-        as copies of loop 0's. `tensors`: {parameter name: tensor}, live or EMA."""
+    def start_loops(self, tensors, since, until):
+        """At CRAWLER_START_FRAC: the control rows of loops since..until-1 (idle until now but for weight decay)
+        restart as copies of loop 0's. `tensors`: {parameter name: tensor}, live or EMA. Returns the loops copied."""
         first = {j: p for p, (j, _, k) in enumerate(self.schedule) if k == 0}
+        copied = set()
         for p, (j, _, k) in enumerate(self.schedule):
-            if k >= max(since, 1) and self.row[p] != self.row[first[j]]:
+            if max(since, 1) <= k < until and self.row[p] != self.row[first[j]]:
+                copied.add(k)
                 for name in self.CONTROL_NAMES:
                     if name in tensors:
                         tensors[name][self.row[p]] = tensors[name][self.row[first[j]]]
+        return sorted(copied)
 
     def skip(self, x, saved, k):
         """x + w * saved, or with SKIP_GATE lerp(w * saved, x, sigmoid(gate)): at init half of each."""
@@ -2253,13 +2256,15 @@ def train(h, run, model, compiled, val, plan):
             progress = elapsed / budget_ms if h.max_wallclock_seconds else step / h.iterations
             lr_mult, momentum = schedule(step, progress, h)
             if model.loops != (loops := h.loops_at(progress)):
+                copied = []
                 if loops > model.loops:  # the new loops start from loop 0's control rows, live and EMA
                     names = [n for n, _ in model.named_parameters()]
                     for tensors in [dict(model.named_parameters())] + ([dict(zip(names, ema.shadow))] if ema else []):
-                        model.start_loops(tensors, since=model.loops)
+                        copied = model.start_loops(tensors, model.loops, loops)
                 model.loops = loops
                 run.log(f"step {step}: the crawler runs {loops} of {h.crawler_loops} loops "
-                        f"(progress {progress:.3f}, CRAWLER_START_FRAC={','.join(map(str, h.crawler_start_frac))})")
+                        f"(progress {progress:.3f}, CRAWLER_START_FRAC={','.join(map(str, h.crawler_start_frac))})"
+                        + "".join(f"; loop {k}'s control rows restart from loop 0's" for k in copied))
             loss = trainer.step(loader.next_step(micro_seqs, accum), lr_mult, momentum)
             step += 1
             own = train_ms + 1000 * (time.perf_counter() - t0)

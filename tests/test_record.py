@@ -118,24 +118,34 @@ def test_loops_switch_on_one_at_a_time(corpus, tmp_path):
     with torch.no_grad():
         model.resid_mix.normal_()
     before = model.resid_mix.detach().clone()
-    model.start_loops(dict(model.named_parameters()), since=2)
     rows = {k: [p for p, (_, _, kk) in enumerate(model.schedule) if kk == k] for k in range(3)}
-    assert torch.equal(model.resid_mix[rows[1]], before[rows[1]])  # loop 1 (already running) keeps its rows
+    assert model.start_loops(dict(model.named_parameters()), 1, 2) == [1]  # 1 -> 2 loops
+    assert torch.equal(model.resid_mix[rows[1]], before[rows[0]])
+    assert torch.equal(model.resid_mix[rows[2]], before[rows[2]])  # loop 2 is not running yet: untouched
+    with torch.no_grad():
+        model.resid_mix[rows[1]] += 1  # loop 1 trains on
+    trained = model.resid_mix.detach().clone()
+    assert model.start_loops(dict(model.named_parameters()), 2, 3) == [2]  # 2 -> 3 loops
+    assert torch.equal(model.resid_mix[rows[1]], trained[rows[1]])  # loop 1 (already running) keeps its rows
     assert torch.equal(model.resid_mix[rows[2]], before[rows[0]])
     assert hparams(**RECORD, CRAWLER_START_FRAC="0.3").loops_at(0.3) == 3  # one value: every later loop at once
     for bad in ("0.5,0.25", "0.1,0.2,0.3", "-0.1"):
         with pytest.raises(T.ConfigError, match=f"CRAWLER_START_FRAC=.*: give one share of the budget in .0, 1. for all "
-                                                f"later loops, or 2 ascending ones"):
+                                                f"later loops, or 2 ascending ones, one per later loop"):
             hparams(**RECORD, CRAWLER_START_FRAC=bad)
+    (tmp_path / "model.pt").write_bytes(b"")  # a training setting: an export or eval of a saved model ignores it
+    assert hparams(**RECORD, CRAWLER_START_FRAC="0.1,0.2,0.3", EXPORT_FROM=str(tmp_path / "model.pt")).export_from
     from conftest import cli, tiny_env
-    env = tiny_env(corpus, **RECORD, CRAWLER_START_FRAC="0.25,0.5", ITERATIONS="8", EVAL_STRIDE="0",
+    env = tiny_env(corpus, **RECORD, CRAWLER_START_FRAC="0.25,0.5", CONTROL_VECTORS="application", ITERATIONS="8", EVAL_STRIDE="0",
                    QUANT_METHOD="rtn", RUN_ID="anneal", TRAIN_LOG_EVERY="1")
     rc, err, final, log = cli(env, tmp_path)
     assert rc == 0, err
     switches = [line.split(": ", 1)[1].split(" (")[0] for line in log.splitlines() if "the crawler runs" in line]
     assert switches == ["the crawler runs 1 of 3 loops", "the crawler runs 2 of 3 loops", "the crawler runs 3 of 3 loops"]
-    assert "step 2: the crawler runs 2 of 3 loops (progress 0.250, CRAWLER_START_FRAC=0.25,0.5)" in log
-    assert "step 4: the crawler runs 3 of 3 loops (progress 0.500" in log
+    assert ("step 2: the crawler runs 2 of 3 loops (progress 0.250, CRAWLER_START_FRAC=0.25,0.5); loop 1's control rows "
+            "restart from loop 0's\n") in log
+    assert "step 4: the crawler runs 3 of 3 loops (progress 0.500, CRAWLER_START_FRAC=0.25,0.5); loop 2's control rows " \
+           "restart from loop 0's\n" in log
     assert "route, 2 crawler loops" in log and final["config"]["crawler_start_frac"] == [0.25, 0.5]
 
 
@@ -253,7 +263,7 @@ def test_later_loops_restart_from_loop_zero_at_the_switch():
         for name in ("resid_mix", "attn_scale", "q_gain", "app_emb"):
             getattr(model, name).normal_()
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    model.start_loops(dict(model.named_parameters()))
+    assert model.start_loops(dict(model.named_parameters()), 1, 3) == [1, 2]
     loop = {p: (j, k) for p, (j, _, k) in enumerate(model.schedule)}
     first = {j: p for p, (j, k) in loop.items() if k == 0}
     for p, (j, k) in loop.items():
@@ -263,7 +273,7 @@ def test_later_loops_restart_from_loop_zero_at_the_switch():
     # per-block control vectors have nothing to copy
     _, shared = model_of(**RECORD, CRAWLER_START_FRAC=0.5, CONTROL_VECTORS="block")
     snapshot = {n: p.detach().clone() for n, p in shared.named_parameters()}
-    shared.start_loops(dict(shared.named_parameters()))
+    assert shared.start_loops(dict(shared.named_parameters()), 1, 3) == []
     assert all(torch.equal(snapshot[n], p) for n, p in shared.named_parameters())
 
 
