@@ -152,7 +152,7 @@ class Hyperparameters:
         self.ln_scale = b("LN_SCALE", True)  # scale block inputs by 1/sqrt(schedule position + 1)
         r.group = "train"  # settings an artifact does not carry (EVAL_ONLY reports none of them)
         self.qk_gain_init = f("QK_GAIN_INIT", 4.0, lo=0)
-        self.crawler_start_frac = r.read("CRAWLER_START_FRAC", (), floats)  # budget shares where loops 2.. start: one, or one each
+        self.crawler_start_frac = r.read("CRAWLER_START_FRAC", (), floats)  # budget shares where the loop count rises: one, or one per rise
         self.tied_embed_init_std = f("TIED_EMBED_INIT_STD", 0.005, lo=0)
         # Optimizers
         self.matrix_lr = f("MATRIX_LR", 0.03, lo=0)  # Muon, block matrices
@@ -320,8 +320,8 @@ class Hyperparameters:
         return torch.tensor(beta), torch.tensor(alpha).view(n, n)
 
     def loops_at(self, progress):
-        """Crawler loops training runs at this share of the budget: 1, then loop k+2 from CRAWLER_START_FRAC[k]
-        (one value: every later loop at once); no value: all loops throughout."""
+        """Crawler loops training runs at this share of the budget: 1, then k+2 from CRAWLER_START_FRAC[k] (one
+        value: all of them from there); no value: all loops throughout."""
         starts = self.crawler_start_frac * max(self.crawler_loops - 1, 0) if len(self.crawler_start_frac) == 1 \
             else self.crawler_start_frac
         return 1 + sum(progress >= s for s in starts) if starts else self.crawler_loops
@@ -1092,7 +1092,7 @@ class GPT(nn.Module):
         first = {j: p for p, (j, _, k) in enumerate(self.schedule) if k == 0}
         copied = set()
         for p, (j, _, k) in enumerate(self.schedule):
-            if max(since, 1) <= k < until and self.row[p] != self.row[first[j]]:
+            if since <= k < until and self.row[p] != self.row[first[j]]:
                 copied.add(k)
                 for name in self.CONTROL_NAMES:
                     if name in tensors:
