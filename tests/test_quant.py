@@ -295,10 +295,10 @@ def test_sdclip_per_family_in_the_export_plan():
 
 def test_wider_sdclip_gives_a_smaller_artifact_and_more_error(trained):
     size, loss = {}, {}
-    for k in (8.0, 16.0):
+    for k in (8.0, 24.0):  # 3x apart: between 6 and 16 this tiny model's loss moves by noise (up to 0.007)
         loss[k], qstate = quantized_loss(trained, QUANT_METHOD="rtn", GPTQ_SDCLIP_K=k, EMBED_SDCLIP_K=k)
         size[k] = len(T.compress(T.serialize(qstate, {}), "zstd")[1])
-    assert size[16.0] < 0.93 * size[8.0] and loss[16.0] > loss[8.0], (size, loss)
+    assert size[24.0] < 0.8 * size[8.0] and loss[24.0] > loss[8.0] + 0.02, (size, loss)
 
 
 def test_final_json_reports_bits_per_weight(finished):

@@ -39,7 +39,7 @@ def test_tiny_crawler_learns(finished, ln_vocab):
 
 def test_two_ranks_match_one_process(corpus, tmp_path):
     common = dict(ITERATIONS=6, TRAIN_LOG_EVERY=1, WARMUP_STEPS=0, EMA_DECAY=0, EVAL_STRIDE=64, TTT="sgd",
-                  TTT_CHUNK_TOKENS=16384, TTT_EPOCHS=1, TTT_BATCH_SEQS=32, QUANT_METHOD="rtn")
+                  TTT_CHUNK_TOKENS=4096, TTT_EPOCHS=1, TTT_BATCH_SEQS=32, QUANT_METHOD="rtn")
     rc, err, one, log1 = cli(tiny_env(corpus, RUN_ID="one", **common), tmp_path)  # 1 rank x 2 micro-batches
     assert rc == 0, err
     two, log2 = run_train(tiny_env(corpus, RUN_ID="two", **common), tmp_path, nproc=2)  # 2 ranks x 1
