@@ -164,7 +164,7 @@ def test_sliding_scores_each_token_once_with_its_windows_context(trained):
     nll = torch.cat(scored).double()
     assert nll.numel() == n and sliding["val_loss"] == pytest.approx(nll.mean().item(), rel=1e-5)
     assert abs(sliding["val_loss"] - plain["val_loss"]) > 1e-4  # other contexts (whether they help: P1, README)
-    isolated = T.evaluate(trained[0], trained[1], trained[2], hparams(EVAL_DOC_ISOLATION=1), T.Run(), stride=32)
+    isolated = T.evaluate(model, tokens, luts, hparams(EVAL_DOC_ISOLATION=1), T.Run(), stride=32)
     assert isolated["val_tokens"] == plain["val_tokens"] and isolated["val_loss"] != sliding["val_loss"]
 
 
