@@ -522,8 +522,15 @@ def heartbeat(log, label):
 # DATA: challenge shards = 256 little-endian int32 header (magic, version, token count), uint16 tokens
 
 SHARD_MAGIC, SHARD_VERSION, HEADER_BYTES, BOS_ID = 20240520, 1, 1024, 1
-FETCH_HINT = ("fetch FineWeb with `python3 data/cached_challenge_fineweb.py --variant sp1024` (sp8192 for VOCAB_SIZE=8192) "
-              "or build shards with data/build_shards.py")
+CASE_OPERATORS = "\ue001\ue002\ue003\ue004"  # CaseOps' capital markers (data/caseops.py), none of the text's bytes
+
+
+def fetch_hint(path):
+    """The fix for a missing DATA_PATH/TOKENIZER_PATH: the downloader's variant when the path is in its layout."""
+    m = re.fullmatch(r"fineweb10B_(\w+)|fineweb_(\d+)_bpe(\w*)\.model", os.path.basename(os.path.normpath(path)))
+    variant = (m[1] or f"sp{m[2]}{m[3]}") if m else "sp1024"
+    return (f"fetch FineWeb with `python3 data/cached_challenge_fineweb.py --variant {variant}`"
+            f"{'' if m else ' (or sp8192, sp8192_caseops)'} or build shards with data/build_shards.py")
 
 
 def open_shard(path):
@@ -542,11 +549,11 @@ def open_shard(path):
 def shard_paths(data_path, split):
     """fineweb_{split}_NNNNNN.bin exactly: sidecars such as fineweb_val_bytes_000000.bin are not shards."""
     if not os.path.isdir(data_path):
-        raise ConfigError(f"DATA_PATH={data_path}: no such folder; {FETCH_HINT}")
+        raise ConfigError(f"DATA_PATH={data_path}: no such folder; {fetch_hint(data_path)}")
     paths = sorted(p for p in glob.glob(os.path.join(data_path, f"fineweb_{split}_*.bin"))
                    if re.fullmatch(rf"fineweb_{split}_\d{{6}}\.bin", os.path.basename(p)))
     if not paths:
-        raise ConfigError(f"DATA_PATH={data_path}: no fineweb_{split}_NNNNNN.bin shards; {FETCH_HINT}")
+        raise ConfigError(f"DATA_PATH={data_path}: no fineweb_{split}_NNNNNN.bin shards; {fetch_hint(data_path)}")
     return paths
 
 
@@ -610,12 +617,16 @@ def load_val_tokens(data_path, vocab_size=65536):
     return np.concatenate(shards)
 
 
-def load_val_bytes(data_path, tokens):
+def load_val_bytes(data_path, tokens, sp):
     """The byte sidecars fineweb_val_bytes_NNNNNN.bin beside the val shards (a text transform such as CaseOps
     writes them: each token's bytes of the original text), concatenated like the shards; None without them."""
     paths = [p.replace("fineweb_val_", "fineweb_val_bytes_") for p in shard_paths(data_path, "val")]
     found = [os.path.isfile(p) for p in paths]
     if not any(found):
+        if any(sp.piece_to_id(c) != sp.unk_id() for c in CASE_OPERATORS):
+            raise ConfigError(f"DATA_PATH={data_path} has no byte sidecars fineweb_val_bytes_*.bin for a CaseOps tokenizer, "
+                              "whose pieces count the transformed text; fetch --variant sp8192_caseops or build the "
+                              "shards with build_shards.py --caseops")
         return None
     side = np.concatenate([open_shard(p) for p in paths]) if all(found) else None
     if side is None or len(side) != len(tokens):
@@ -658,7 +669,7 @@ def token_bytes(tgt, prev, luts, starts=None):
 
 def load_tokenizer(path, vocab_size):
     if not os.path.isfile(path):
-        raise ConfigError(f"TOKENIZER_PATH={path}: no such file; {FETCH_HINT}")
+        raise ConfigError(f"TOKENIZER_PATH={path}: no such file; {fetch_hint(path)}")
     sp = spm.SentencePieceProcessor(model_file=path)
     if sp.get_piece_size() > vocab_size:
         raise ConfigError(f"TOKENIZER_PATH={path} has {sp.get_piece_size()} pieces but VOCAB_SIZE={vocab_size}; raise VOCAB_SIZE")
@@ -2412,7 +2423,7 @@ def prepare(h, run):
     select_sdpa_backend(h.sdpa_backend)
     sp, tokens = load_tokenizer(h.tokenizer_path, h.vocab_size), load_val_tokens(h.data_path, h.vocab_size)
     check_tokenizer(sp, tokens, h)
-    luts, side = byte_luts(sp, h.vocab_size), load_val_bytes(h.data_path, tokens)
+    luts, side = byte_luts(sp, h.vocab_size), load_val_bytes(h.data_path, tokens, sp)
     if side is not None:
         tgt, prev = (torch.from_numpy(tokens[a:len(tokens) - 1 + a].astype(np.int64)) for a in (1, 0))
         run.log(f"val bytes: from the byte sidecars fineweb_val_bytes_*.bin, {int(side[1:].sum()):,} for the targets "

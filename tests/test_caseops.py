@@ -5,6 +5,7 @@ import importlib.util
 import itertools
 import json
 import random
+import shutil
 import subprocess
 import sys
 import sysconfig
@@ -255,3 +256,27 @@ def test_identity_normalization_keeps_the_text_and_counts_every_byte(tmp_path):
         got[norm] = caseops.decode(sp.decode(val[1:].tolist())), int(side.sum())
     assert got["identity"] == (text, len(text.encode("utf-8")))
     assert got["nmt_nfkc"] == ("Line one Line TWO Real end", 26)
+
+
+# ---- train_gpt.py on CaseOps shards
+
+
+def test_train_gpt_counts_the_original_bytes_and_needs_the_sidecar(built, tmp_path):
+    """train_gpt.py scores build_shards.py --caseops shards by the original text's UTF-8 bytes (counted here from
+    the decoded val documents); the same shards without their sidecars stop at start-up with one line, since the
+    CaseOps tokenizer's pieces would count the transformed text (3 bytes for each operator)."""
+    from conftest import TINY, cli
+    from test_data import assert_one_line_error
+    out, sp = built["out"], built["sp"]
+    val, _ = read_split(out, "val")
+    original = sum(len(caseops.decode(sp.decode(val[s + 1:e].tolist())).encode("utf-8")) for s, e in doc_spans(val))
+    env = dict(TINY, DATA_PATH=str(out), TOKENIZER_PATH=str(built["model"]), RUN_ID="co", ITERATIONS="1",
+               QUANT_METHOD="rtn", EVAL_STRIDE="0")
+    rc, err, final, _ = cli(env, tmp_path)
+    assert rc == 0, err
+    assert final["val_bytes"] == original
+    bare = tmp_path / "bare"
+    shutil.copytree(out, bare, ignore=shutil.ignore_patterns("fineweb_val_bytes_*"))
+    rc, err, _, _ = cli(dict(env, DATA_PATH=str(bare), RUN_ID="co_bare"), tmp_path)
+    assert_one_line_error(rc, err, f"DATA_PATH={bare} has no byte sidecars", "CaseOps tokenizer",
+                          "--variant sp8192_caseops")

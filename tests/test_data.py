@@ -105,6 +105,17 @@ def test_token_ids_beyond_the_vocab_stop_at_start_up(corpus, tmp_path, split):
     assert (tmp_path / "logs/ids_failed.txt").read_text().strip().splitlines()[-1] == line  # says why it stopped
 
 
+def test_missing_data_names_the_downloader_variant_of_its_path(corpus, tmp_path):
+    """Paths in the downloader's layout (the record preset's CaseOps defaults) say which --variant fetches them."""
+    variant = "sp8192_lossless_caps_caseops_v1_reserved"
+    fetch = f"cached_challenge_fineweb.py --variant {variant}`"
+    error_of(tiny_env(corpus, RUN_ID="v1", DATA_PATH=tmp_path / f"fineweb10B_{variant}"), tmp_path, "no such folder", fetch)
+    tok = tmp_path / "fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
+    error_of(tiny_env(corpus, RUN_ID="v2", TOKENIZER_PATH=tok), tmp_path, f"TOKENIZER_PATH={tok}: no such file", fetch)
+    error_of(tiny_env(corpus, RUN_ID="v3", TOKENIZER_PATH=tmp_path / "fineweb_8192_bpe.model"), tmp_path,
+             "cached_challenge_fineweb.py --variant sp8192`")
+
+
 def test_an_error_before_training_leaves_the_run_id_free(corpus, tmp_path):
     """A run that fails before training starts keeps its log as logs/<RUN_ID>_failed.txt (later failures append),
     so the same RUN_ID runs once the input is fixed; a run that trained keeps its RUN_ID."""

@@ -85,6 +85,9 @@ def test_presets_parse(tmp_path):
     h = T.Hyperparameters(dict(line.split("=", 1) for line in out.splitlines() if "=" in line))
     model = T.GPT(h)
     assert len(model.blocks) == 11 and len(model.schedule) == 17 and h.vocab_size == 8192
+    # upstream's CaseOps data, where `cached_challenge_fineweb.py --variant sp8192_caseops` puts it
+    assert h.data_path == "./data/datasets/fineweb10B_sp8192_lossless_caps_caseops_v1_reserved"
+    assert h.tokenizer_path == "./data/tokenizers/fineweb_8192_bpe_lossless_caps_caseops_v1_reserved.model"
     assert sum(p.numel() for p in model.parameters()) > 35e6  # the record's 36M, plus our BigramHash and control rows
     # scored by phased TTT with the settings measured best, no sliding eval; the export reserve measured
     assert (h.ttt, h.ttt_lora_rank, h.ttt_lora_lr, h.ttt_lora_chunk, h.ttt_lora_wd, h.ttt_lora_beta1, h.ttt_phase_docs,
