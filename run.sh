@@ -82,7 +82,9 @@ fi
 set +a
 if ! ls "$DATA_PATH"/fineweb_val_[0-9][0-9][0-9][0-9][0-9][0-9].bin >/dev/null 2>&1 || [ ! -f "$TOKENIZER_PATH" ]; then
   echo "run.sh: no FineWeb shards in $DATA_PATH or no tokenizer at $TOKENIZER_PATH." >&2
-  echo "Fetch them with:  python3 data/cached_challenge_fineweb.py --variant sp${VOCAB_SIZE} --train-shards 80" >&2
+  folder=$(basename "$DATA_PATH")  # the downloader's layout names its variant (the record preset's: CaseOps)
+  case "$folder" in fineweb10B_sp*) variant=${folder#fineweb10B_} ;; *) variant=sp$VOCAB_SIZE ;; esac
+  echo "Fetch them with:  python3 data/cached_challenge_fineweb.py --variant $variant --train-shards 80" >&2
   echo "(or point DATA_PATH/TOKENIZER_PATH at your own shards, or try SMOKE=1 bash run.sh)" >&2
   exit 1
 fi

@@ -527,7 +527,7 @@ CASE_OPERATORS = "\ue001\ue002\ue003\ue004"  # CaseOps' capital markers (data/ca
 
 def fetch_hint(path):
     """The fix for a missing DATA_PATH/TOKENIZER_PATH: the downloader's variant when the path is in its layout."""
-    m = re.fullmatch(r"fineweb10B_(\w+)|fineweb_(\d+)_bpe(\w*)\.model", os.path.basename(os.path.normpath(path)))
+    m = re.fullmatch(r"fineweb10B_(sp\d+\w*)|fineweb_(\d+)_bpe(\w*)\.model", os.path.basename(os.path.normpath(path)))
     variant = (m[1] or f"sp{m[2]}{m[3]}") if m else "sp1024"
     return (f"fetch FineWeb with `python3 data/cached_challenge_fineweb.py --variant {variant}`"
             f"{'' if m else ' (or sp8192, sp8192_caseops)'} or build shards with data/build_shards.py")

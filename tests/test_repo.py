@@ -66,6 +66,8 @@ def test_run_sh_without_data_says_how_to_fetch(tmp_path):
     env.pop("DATA_PATH", None)
     proc = subprocess.run(["bash", str(REPO / "run.sh")], env=env, capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1 and "--variant sp8192" in proc.stderr and "fineweb10B_sp8192" in proc.stderr
+    proc = subprocess.run(["bash", str(REPO / "run.sh"), "record"], env=env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1 and "--variant sp8192_lossless_caps_caseops_v1_reserved " in proc.stderr  # its data
 
 
 def test_run_sh_rejects_unknown_preset():
