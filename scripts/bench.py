@@ -112,14 +112,11 @@ def bench_one(env, args):
     """Runs in a fresh process with the configuration already in os.environ."""
     import torch
     T = import_script(args.script)
-    set_inductor_options(args.inductor)
     h = T.Hyperparameters()
     device = torch.device("cuda", 0)
     torch.cuda.set_device(device)
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch._dynamo.config.cache_size_limit = 64
-    T.select_sdpa_backend(h.sdpa_backend)
-    T.select_attention(h.attention, h.doc_attention)
+    T.configure_torch(h, True)
+    set_inductor_options(args.inductor)  # after the run's own settings, so that it can undo them
     autocast = torch.autocast("cuda", dtype=torch.bfloat16)
     micro_seqs, accum = T.batch_layout(h, 1)
     run = T.Run(device=device, autocast=autocast)

@@ -97,3 +97,16 @@ def test_profile_wrapper_records_steps_after_warmup_and_leaves_the_run_unchanged
     assert prof["first_step"] == 3 and prof["steps"] == 2 and prof["world_size"] == 1
     assert (tmp_path / "logs" / "prof1_profile_trace.json.gz").stat().st_size > 0
     assert finals[0]["roundtrip_val_bpb"] == finals[1]["roundtrip_val_bpb"]
+
+
+def test_run_settings_switch_off_inductors_mix_order_reduction():
+    """Its fused gradient sums made CRAWLER_CARRY steps 6% slower on an H100 (README); train_gpt.py's main and
+    scripts/bench.py both take the setting from configure_torch."""
+    import torch._inductor.config as config
+    old = config.triton.mix_order_reduction
+    try:
+        config.triton.mix_order_reduction = True
+        assert T.configure_torch(T.Hyperparameters({}), cuda=False).startswith("sdpa")
+        assert config.triton.mix_order_reduction is False
+    finally:
+        config.triton.mix_order_reduction = old
