@@ -5,7 +5,7 @@
 #   NUM_FLAT_LAYERS=6 SEED=42 bash run.sh
 #   bash run.sh leg3                     # a preset from presets/ (values set outside still win)
 #   NPROC_PER_NODE=1 MAX_WALLCLOCK_SECONDS=300 bash run.sh   # one GPU, same global batch by accumulation
-#   SMOKE=1 bash run.sh                  # offline end-to-end check, CPU or GPU (about 35 s on 2 CPU cores)
+#   SMOKE=1 bash run.sh                  # offline end-to-end check, CPU or GPU (about 70 s on 2 CPU cores)
 # README.md documents every variable.
 set -euo pipefail
 cd "$(dirname "$0")"
